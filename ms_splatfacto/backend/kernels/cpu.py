@@ -1,0 +1,6 @@
+"""CPU kernel set: C++/OpenMP kernels from `csrc/cpu`, same interface as `reference`."""
+
+from ms_splatfacto.backend.kernels._cpu_projection import project, spherical_harmonics
+from ms_splatfacto.backend.kernels._cpu_rasterize import isect_offset_encode, isect_tiles, rasterize_to_pixels
+
+__all__ = ["project", "spherical_harmonics", "isect_tiles", "isect_offset_encode", "rasterize_to_pixels"]
