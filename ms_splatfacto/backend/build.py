@@ -2,7 +2,7 @@
 
 Each source registers its operators under `torch.ops.ms_splatfacto`. The build happens on first
 use (or ahead of time with `python -m ms_splatfacto.backend.build`), is cached by torch under
-`$TORCH_EXTENSIONS_DIR`, and is rebuilt only when a source changes.
+`BUILD_DIR`, and is rebuilt only when a source changes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 LOG = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 EXTENSION_NAME = "ms_splatfacto_cpu"
+BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_BUILD_DIR", CSRC.parent / ".build" / "cpu"))
+"""Where the compiled kernels are cached (set MS_SPLATFACTO_BUILD_DIR to move it)."""
 
 
 class KernelBuildError(RuntimeError):
@@ -39,12 +41,14 @@ def load_cpu_kernels() -> None:
     print(f"ms-splatfacto: loading CPU kernels ({len(sources)} sources; the first build takes about a minute)...",
           file=sys.stderr, flush=True)
     flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
     try:
         load(
             name=EXTENSION_NAME,
             sources=[str(s) for s in sources],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
+            build_directory=str(BUILD_DIR),
             is_python_module=False,
             verbose=bool(os.environ.get("MS_SPLATFACTO_VERBOSE_BUILD")),
         )

@@ -100,9 +100,9 @@ def project(
     conics = torch.stack([c / det_safe, -b / det_safe, a / det_safe], dim=-1)
     mid = 0.5 * (a + c)
     radius = torch.ceil(3.0 * torch.sqrt(mid + torch.sqrt(torch.clamp(mid * mid - det, min=0.01))))
-    valid &= radius > radius_clip
-    valid &= (means2d[..., 0] + radius > 0) & (means2d[..., 0] - radius < width)
-    valid &= (means2d[..., 1] + radius > 0) & (means2d[..., 1] - radius < height)
+    valid = valid & (radius > radius_clip)
+    valid = valid & (means2d[..., 0] + radius > 0) & (means2d[..., 0] - radius < width)
+    valid = valid & (means2d[..., 1] + radius > 0) & (means2d[..., 1] - radius < height)
 
     radii = torch.where(valid, radius.detach(), zeros.detach()).int()
     means2d = torch.where(valid[..., None], means2d, 0.0)
@@ -282,7 +282,7 @@ def rasterize_to_pixels(
     pix_ids, pix_valid = ids[tile_of], in_range[tile_of]  # [P, K]
 
     flat_means = means2d.reshape(C * N, 2)[pix_ids]  # [P, K, 2]
-    if absgrad:
+    if absgrad and flat_means.requires_grad:
         flat_means.register_hook(_absgrad_hook(means2d, pix_ids))
     centre = torch.stack([xs, ys], dim=-1).to(means2d.dtype).reshape(1, -1, 2) + 0.5
     delta = flat_means - centre.expand(C, -1, -1).reshape(-1, 1, 2)
@@ -293,7 +293,7 @@ def rasterize_to_pixels(
     alpha = torch.clamp_max(opacities.reshape(C * N)[pix_ids] * torch.exp(-sigma), ALPHA_MAX)
     used = pix_valid & (sigma >= 0) & (alpha >= ALPHA_MIN)
     alpha = torch.where(used, alpha, 0.0)
-    used &= torch.cumprod(1 - alpha.detach(), dim=-1) > T_MIN
+    used = used & (torch.cumprod(1 - alpha.detach(), dim=-1) > T_MIN)
     alpha = torch.where(used, alpha, 0.0)
     transmittance = torch.cumprod(1 - alpha, dim=-1)  # after each Gaussian
     before = torch.cat([torch.ones_like(transmittance[:, :1]), transmittance[:, :-1]], dim=-1)

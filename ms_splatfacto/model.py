@@ -1,0 +1,219 @@
+"""MsSplatfactoModel: splatfacto with a device-agnostic backend.
+
+It subclasses nerfstudio's SplatfactoModel so the viewer, exporter and training loop keep working,
+and replaces only what ties splatfacto to one CUDA GPU: parameter creation (`populate_modules`, which
+also must not download LPIPS weights) and rendering (`get_outputs`, which calls our backend).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+
+import torch
+from gsplat.strategy import DefaultStrategy
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import (
+    RGB2SH,
+    SplatfactoModel,
+    SplatfactoModelConfig,
+    get_viewmat,
+    num_sh_bases,
+    random_quat_tensor,
+)
+from nerfstudio.utils.colors import get_color
+from nerfstudio.utils.rich_utils import CONSOLE
+from pytorch_msssim import SSIM
+from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from ms_splatfacto.backend import parse_devices, rasterization
+
+
+@dataclass
+class MsSplatfactoModelConfig(SplatfactoModelConfig):
+    """Splatfacto whose Gaussians and splatting kernels run on the devices you name."""
+
+    _target: Type = field(default_factory=lambda: MsSplatfactoModel)
+    devices: str = "auto"
+    """Devices that hold the model: 'auto' (the GPU where one exists, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    kernels: Literal["auto", "cpu", "cuda", "reference"] = "auto"
+    """Splatting kernels: 'auto' picks those of the device; 'reference' is the slow pure-PyTorch specification."""
+    tile_size: int = 16
+    """Side of the square screen tiles the rasterizer sorts Gaussians into, in pixels."""
+
+
+def lpips_weights_path() -> Path:
+    """Where torchvision caches the AlexNet weights that torchmetrics' LPIPS loads."""
+    from torchvision.models import AlexNet_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.IMAGENET1K_V1.url).name
+
+
+class MsSplatfactoModel(SplatfactoModel):
+    """Gaussian splatting on any device; see MsSplatfactoModelConfig."""
+
+    config: MsSplatfactoModelConfig
+
+    def populate_modules(self) -> None:
+        parse_devices(self.config.devices)  # a bad spec fails here, before any work
+        self.gauss_params = torch.nn.ParameterDict(self._initial_gaussians())
+        self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)
+        self.lpips = self._lpips_if_available()
+        self.step = 0
+        self.crop_box = None
+        # Splatfacto's fixed background for rendering when training uses random ones (viser's colour).
+        self.background_color = (
+            torch.tensor([0.1490, 0.1647, 0.2157])
+            if self.config.background_color == "random"
+            else get_color(self.config.background_color)
+        )
+        if self.config.use_bilateral_grid:
+            from nerfstudio.model_components.lib_bilagrid import BilateralGrid
+
+            self.bil_grids = BilateralGrid(self.num_train_data, *self.config.grid_shape)
+        self.strategy = DefaultStrategy(
+            prune_opa=self.config.cull_alpha_thresh,
+            grow_grad2d=self.config.densify_grad_thresh,
+            grow_scale3d=self.config.densify_size_thresh,
+            grow_scale2d=self.config.split_screen_size,
+            prune_scale3d=self.config.cull_scale_thresh,
+            prune_scale2d=self.config.cull_screen_size,
+            refine_scale2d_stop_iter=self.config.stop_screen_size_at,
+            refine_start_iter=self.config.warmup_length,
+            refine_stop_iter=self.config.stop_split_at,
+            reset_every=self.config.reset_alpha_every * self.config.refine_every,
+            refine_every=self.config.refine_every,
+            pause_refine_after_reset=self.num_train_data + self.config.refine_every,
+            absgrad=self.config.use_absgrad,
+            revised_opacity=False,
+            verbose=True,
+        )
+        self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
+
+    def _initial_gaussians(self) -> Dict[str, torch.nn.Parameter]:
+        """Gaussians at the dataset's seed points (SfM), or uniformly random where it has none."""
+        has_points = self.seed_points is not None and self.seed_points[0].shape[0] > 0
+        if has_points and not self.config.random_init:
+            means, rgb = self.seed_points[0].float(), self.seed_points[1]
+        else:
+            if not self.config.random_init:
+                CONSOLE.log(
+                    f"[yellow]The dataset has no 3D seed points; initialising {self.config.num_random} random "
+                    "Gaussians instead (for COLMAP data, check sparse/0/points3D.bin).[/yellow]"
+                )
+            means, rgb = (torch.rand(self.config.num_random, 3) - 0.5) * self.config.random_scale, None
+        num_points = means.shape[0]
+        if num_points < 4:
+            raise ValueError(f"Need at least 4 initial Gaussians to estimate their scales, got {num_points}.")
+        distances, _ = self.k_nearest_sklearn(means, 3)
+        avg_dist = torch.from_numpy(distances).mean(dim=-1, keepdim=True).clamp(min=1e-7)
+        shs = torch.zeros(num_points, num_sh_bases(self.config.sh_degree), 3)
+        if rgb is not None and rgb.shape[0] == num_points:
+            colour = rgb.float() / 255
+            shs[:, 0] = RGB2SH(colour) if self.config.sh_degree > 0 else torch.logit(colour, eps=1e-10)
+        else:
+            shs[:, 0] = torch.rand(num_points, 3)
+        return {
+            "means": torch.nn.Parameter(means),
+            "scales": torch.nn.Parameter(torch.log(avg_dist.repeat(1, 3))),
+            "quats": torch.nn.Parameter(random_quat_tensor(num_points)),
+            "features_dc": torch.nn.Parameter(shs[:, 0].contiguous()),
+            "features_rest": torch.nn.Parameter(shs[:, 1:].contiguous()),
+            "opacities": torch.nn.Parameter(torch.logit(0.1 * torch.ones(num_points, 1))),
+        }
+
+    @staticmethod
+    def _lpips_if_available() -> Optional[torch.nn.Module]:
+        """LPIPS only where its AlexNet weights are already on disk: nothing is downloaded at run time."""
+        weights = lpips_weights_path()
+        if not weights.exists():
+            CONSOLE.log(f"LPIPS left out of the metrics: its AlexNet weights are not at {weights} (no download).")
+            return None
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        return LearnedPerceptualImagePatchSimilarity(normalize=True)
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        if self.lpips is not None:
+            return super().get_image_metrics_and_images(outputs, batch)
+        self.lpips = _NanMetric()
+        try:
+            metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        finally:
+            self.lpips = None
+        return {k: v for k, v in metrics.items() if not k.endswith("lpips")}, images
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
+        """Render one camera: RGB, expected depth (outside training) and accumulation."""
+        if self.training:
+            assert camera.shape[0] == 1, "Only one camera at a time"
+            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            camera_to_world = camera.camera_to_worlds
+
+        params = {name: self.gauss_params[name] for name in self.gauss_params.keys()}
+        if self.crop_box is not None and not self.training:
+            inside = self.crop_box.within(self.means).squeeze()
+            if inside.sum() == 0:
+                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
+            params = {name: p[inside] for name, p in params.items()}
+
+        scale_factor = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / scale_factor)
+        Ks = camera.get_intrinsics_matrices().to(self.device)  # [1, 3, 3]
+        width, height = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(scale_factor)
+        self.last_size = (height, width)
+
+        render_mode = "RGB+ED" if self.config.output_depth_during_training or not self.training else "RGB"
+        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree > 0:
+            sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
+
+        render, alpha, self.info = rasterization(
+            means=params["means"],
+            quats=params["quats"],
+            scales=torch.exp(params["scales"]),
+            opacities=torch.sigmoid(params["opacities"]).squeeze(-1),
+            colors=colors,
+            viewmats=get_viewmat(camera_to_world).to(self.device),
+            Ks=Ks,
+            width=width,
+            height=height,
+            tile_size=self.config.tile_size,
+            sh_degree=sh_degree,
+            render_mode=render_mode,
+            absgrad=self.strategy.absgrad,
+            rasterize_mode=self.config.rasterize_mode,
+            kernels=None if self.config.kernels == "auto" else self.config.kernels,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
+
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
+            rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], height, width)
+        depth = None
+        if render_mode == "RGB+ED":
+            depth = render[..., 3:4]
+            depth = torch.where(alpha > 0, depth, depth.detach().max()).squeeze(0)
+        if not self.training:
+            background = background.expand(height, width, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+
+class _NanMetric(torch.nn.Module):
+    """Stands in for LPIPS inside splatfacto's metric code; its value is dropped afterwards."""
+
+    def forward(self, *_: Tensor) -> Tensor:
+        return torch.tensor(math.nan)

@@ -1,0 +1,71 @@
+"""Trainer for ms-splatfacto: nerfstudio's, with the device taken from the model's device spec,
+atomic checkpoints, and optimizers that follow the parameters a checkpoint load creates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Type
+
+from nerfstudio.engine.optimizers import Optimizers
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from torch.nn import Parameter
+
+from ms_splatfacto.backend import parse_devices
+from ms_splatfacto.io import atomic_torch_save
+
+
+@dataclass
+class MsTrainerConfig(TrainerConfig):
+    """TrainerConfig whose device follows `--pipeline.model.devices` (no `--machine.device-type` needed)."""
+
+    _target: Type = field(default_factory=lambda: MsTrainer)
+
+
+class MsTrainer(Trainer):
+    def __init__(self, config: MsTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
+        device = parse_devices(config.pipeline.model.devices)[0]
+        config.machine.device_type = device.type  # nerfstudio reads it for autocast and AMP decisions
+        super().__init__(config, local_rank, world_size)
+        self.device = str(device)
+
+    def _load_checkpoint(self) -> None:
+        super()._load_checkpoint()
+        repoint_optimizers(self.optimizers, self.pipeline.model.get_param_groups())
+
+    def save_checkpoint(self, step: int) -> None:
+        """As nerfstudio's, but written atomically: an interrupted save keeps the previous checkpoint."""
+        path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
+        atomic_torch_save(
+            {
+                "step": step,
+                "pipeline": pipeline.state_dict(),
+                "optimizers": {k: v.state_dict() for k, v in self.optimizers.optimizers.items()},
+                "schedulers": {k: v.state_dict() for k, v in self.optimizers.schedulers.items()},
+                "scalers": self.grad_scaler.state_dict(),
+            },
+            path,
+        )
+        if self.config.save_only_latest_checkpoint:
+            for old in self.checkpoint_dir.glob("*.ckpt"):
+                if old != path:
+                    old.unlink()
+
+
+def repoint_optimizers(optimizers: Optimizers, param_groups: Dict[str, List[Parameter]]) -> None:
+    """Make each optimizer hold the model's current parameters, carrying their state across.
+
+    Loading a splatfacto checkpoint replaces the Gaussian parameters with new tensors of the saved
+    size, while the optimizers still hold the old ones (nerfstudio issue 3554), so training after a
+    resume would update tensors the model no longer uses.
+    """
+    for name, params in param_groups.items():
+        optimizer = optimizers.optimizers.get(name)
+        if optimizer is None:
+            continue
+        (group,) = optimizer.param_groups
+        for old, new in zip(list(group["params"]), params):
+            if old is not new and old in optimizer.state:
+                optimizer.state[new] = optimizer.state.pop(old)
+        group["params"] = list(params)
+        optimizers.parameters[name] = list(params)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) with torch and ms-splatfacto (editable, test extras), then build the
+# CPU kernels. Idempotent: a second run on a set-up machine only checks a stamp and takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3.11}"
+STAMP=.venv/.ms-splatfacto-installed
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $PY"
+    "$PY" -m venv .venv
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing torch==2.14.1 torchvision==0.29.1 and ms-splatfacto[test] (a few minutes the first time)"
+    start=$(date +%s)
+    .venv/bin/python -m pip install -q --disable-pip-version-check \
+        torch==2.14.1 torchvision==0.29.1 -e ".[test]"
+    echo "$want" > "$STAMP"
+    echo "setup: installed in $(( $(date +%s) - start )) s"
+else
+    echo "setup: .venv is up to date"
+fi
+.venv/bin/python -m ms_splatfacto.backend.build
