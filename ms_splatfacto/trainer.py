@@ -4,13 +4,16 @@ atomic checkpoints, and optimizers that follow the parameters a checkpoint load 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Type
+from typing import Any, Dict, List, Literal, Type
+
+import numpy as np
 
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from torch.nn import Parameter
 
 from ms_splatfacto.backend import parse_devices
+from ms_splatfacto.data_checks import DatasetError, check_images_readable, preflight
 from ms_splatfacto.io import atomic_torch_save
 
 
@@ -28,6 +31,16 @@ class MsTrainer(Trainer):
         super().__init__(config, local_rank, world_size)
         self.device = str(device)
 
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        datamanager = self.config.pipeline.datamanager
+        preflight(datamanager.dataparser, datamanager.data)
+        try:
+            super().setup(test_mode)
+        except OSError as err:  # unreadable or vanished files, named by the error itself
+            raise DatasetError(f"Cannot read the dataset: {err}") from None
+        for dataset in (self.pipeline.datamanager.train_dataset, self.pipeline.datamanager.eval_dataset):
+            check_images_readable(dataset.image_filenames)
+
     def _load_checkpoint(self) -> None:
         super()._load_checkpoint()
         repoint_optimizers(self.optimizers, self.pipeline.model.get_param_groups())
@@ -37,13 +50,13 @@ class MsTrainer(Trainer):
         path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
         atomic_torch_save(
-            {
+            plain_numbers({
                 "step": step,
                 "pipeline": pipeline.state_dict(),
                 "optimizers": {k: v.state_dict() for k, v in self.optimizers.optimizers.items()},
                 "schedulers": {k: v.state_dict() for k, v in self.optimizers.schedulers.items()},
                 "scalers": self.grad_scaler.state_dict(),
-            },
+            }),
             path,
         )
         if self.config.save_only_latest_checkpoint:
@@ -69,3 +82,17 @@ def repoint_optimizers(optimizers: Optimizers, param_groups: Dict[str, List[Para
                 optimizer.state[new] = optimizer.state.pop(old)
         group["params"] = list(params)
         optimizers.parameters[name] = list(params)
+
+
+def plain_numbers(obj: Any) -> Any:
+    """`obj` with numpy scalars turned into Python numbers.
+
+    nerfstudio's schedulers leave numpy floats in optimizer and scheduler state, which
+    `torch.load(weights_only=True)` (the default since torch 2.6) refuses, so the viewer, the exporter
+    and resuming could not read the checkpoint.
+    """
+    if isinstance(obj, dict):
+        return {key: plain_numbers(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_numbers(value) for value in obj)
+    return obj.item() if isinstance(obj, np.generic) else obj

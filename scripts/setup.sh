@@ -21,4 +21,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
 else
     echo "setup: .venv is up to date"
 fi
+if ! ldconfig -p | grep -q 'libusb-1.0.so.0'; then
+    # open3d, imported by ns-export, links against it; Debian's python image lacks it.
+    echo "setup: installing libusb-1.0-0 for open3d (ns-export)"
+    { apt-get update -qq && apt-get install -y -qq libusb-1.0-0; } > /dev/null \
+        || echo "setup: could not install libusb-1.0-0 (not root?); ns-export will fail to import open3d" >&2
+fi
 .venv/bin/python -m ms_splatfacto.backend.build
