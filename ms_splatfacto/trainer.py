@@ -12,7 +12,7 @@ from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from torch.nn import Parameter
 
-from ms_splatfacto.backend import parse_devices
+from ms_splatfacto.backend import DeviceSpecError, parse_devices
 from ms_splatfacto.data_checks import DatasetError, check_images_readable, preflight
 from ms_splatfacto.io import atomic_torch_save
 
@@ -26,7 +26,10 @@ class MsTrainerConfig(TrainerConfig):
 
 class MsTrainer(Trainer):
     def __init__(self, config: MsTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
-        device = parse_devices(config.pipeline.model.devices)[0]
+        try:
+            device = parse_devices(config.pipeline.model.devices)[0]
+        except DeviceSpecError as err:
+            raise SystemExit(f"ms-splatfacto: {err}") from None
         config.machine.device_type = device.type  # nerfstudio reads it for autocast and AMP decisions
         super().__init__(config, local_rank, world_size)
         self.device = str(device)
