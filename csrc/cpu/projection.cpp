@@ -677,8 +677,19 @@ std::tuple<at::Tensor, at::Tensor> sh_bwd(int64_t degree, const at::Tensor& dirs
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ms_splatfacto, m) {
-  m.def("project_fwd", &project_fwd);
-  m.def("project_bwd", &project_bwd);
-  m.def("sh_fwd", &sh_fwd);
-  m.def("sh_bwd", &sh_bwd);
+  m.def(
+      "project_fwd(Tensor means, Tensor quats, Tensor scales, Tensor viewmats, Tensor Ks, int width, int height, "
+      "float eps2d, float near_plane, float far_plane, float radius_clip, bool calc_compensations) -> "
+      "(Tensor radii, Tensor means2d, Tensor depths, Tensor conics, Tensor compensations)",
+      &project_fwd);
+  m.def(
+      "project_bwd(Tensor means, Tensor quats, Tensor scales, Tensor viewmats, Tensor Ks, int width, int height, "
+      "float eps2d, Tensor radii, Tensor v_means2d, Tensor v_depths, Tensor v_conics, Tensor? v_compensations) -> "
+      "(Tensor v_means, Tensor v_quats, Tensor v_scales)",
+      &project_bwd);
+  m.def("sh_fwd(int degree, Tensor dirs, Tensor coeffs, Tensor? masks) -> Tensor colors", &sh_fwd);
+  m.def(
+      "sh_bwd(int degree, Tensor dirs, Tensor coeffs, Tensor? masks, Tensor v_colors) -> "
+      "(Tensor v_dirs, Tensor v_coeffs)",
+      &sh_bwd);
 }

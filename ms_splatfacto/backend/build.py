@@ -40,7 +40,7 @@ def load_cpu_kernels() -> None:
         raise KernelBuildError(f"No C++ sources found under {CSRC / 'cpu'}; is the package installed from a checkout?")
     print(f"ms-splatfacto: loading CPU kernels ({len(sources)} sources; the first build takes about a minute)...",
           file=sys.stderr, flush=True)
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]  # torch adds the C++ standard it needs
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     try:
         load(
