@@ -53,12 +53,15 @@ def test_cpu_pipeline_matches_reference(mode: str):
     covered = ref_alpha[..., 0] > 0.1  # expected depth is only meaningful where something was drawn
     torch.testing.assert_close(out[..., 3][covered], ref_out[..., 3][covered], atol=1e-3, rtol=1e-4)
 
+    for meta in (info, ref_info):
+        meta["means2d"].retain_grad()  # as gsplat's DefaultStrategy.step_pre_backward does
     weights = torch.randn_like(out)
     ((out * weights).sum() + alpha.sum()).backward()
     ((ref_out * weights).sum() + ref_alpha.sum()).backward()
     for name in ("means", "quats", "scales", "opacities", "colors"):
         torch.testing.assert_close(inputs[name].grad, ref_inputs[name].grad, atol=2e-4, rtol=2e-3, msg=name)
     # What gsplat's DefaultStrategy reads: means2d gradients and absgrad, [C, N, 2].
+    assert info["means2d"].grad is not None and info["means2d"].grad.abs().sum() > 0
     torch.testing.assert_close(info["means2d"].grad, ref_info["means2d"].grad, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(info["means2d"].absgrad, ref_info["means2d"].absgrad, atol=1e-4, rtol=1e-3)
     assert info["means2d"].grad.shape == (3, 400, 2)
