@@ -8,14 +8,10 @@ use (or ahead of time with `python -m ms_splatfacto.backend.build`), is cached b
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 from pathlib import Path
 
-import torch
-
-LOG = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 EXTENSION_NAME = "ms_splatfacto_cpu"
 BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_BUILD_DIR", CSRC.parent / ".build" / "cpu"))
@@ -61,4 +57,4 @@ def load_cpu_kernels() -> None:
 
 if __name__ == "__main__":
     load_cpu_kernels()
-    print("ms-splatfacto: CPU kernels ready:", ", ".join(sorted(n for n in dir(torch.ops.ms_splatfacto) if not n.startswith("_"))))
+    print(f"ms-splatfacto: CPU kernels ready (cached in {BUILD_DIR})")
