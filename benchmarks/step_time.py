@@ -3,7 +3,8 @@
 Runs the real CLI once per kernel set and reads nerfstudio's own per-iteration timings and Gaussian
 counts from the tensorboard event file. Prints a table, writes JSON and a plot to benchmarks/results/.
 
-    .venv/bin/python benchmarks/step_time.py --steps 300 --kernels cpu reference
+    .venv/bin/python benchmarks/step_time.py --steps 300 --kernels cpu
+    .venv/bin/python benchmarks/step_time.py --steps 60 --skip 10 --kernels cpu reference --tag kernels_vs_reference
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class StepTimeConfig:
     """Kernel sets to compare."""
     output: Path = REPO / "benchmarks" / "results"
     """Where the JSON and the plot go."""
+    tag: str = "step_time"
+    """Stem of the JSON and plot file names."""
 
 
 def train(config: StepTimeConfig, kernels: str, workdir: Path) -> Path:
@@ -88,9 +91,9 @@ def main(config: StepTimeConfig) -> None:
            title=f"{config.data.name}, {results['machine']}, {results['date']}")
     ax.legend()
     config.output.mkdir(parents=True, exist_ok=True)
-    fig.savefig(config.output / "step_time.png", dpi=120, bbox_inches="tight")
-    (config.output / "step_time.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {config.output / 'step_time.json'} and step_time.png")
+    fig.savefig(config.output / f"{config.tag}.png", dpi=120, bbox_inches="tight")
+    (config.output / f"{config.tag}.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {config.output / config.tag}.json and .png")
 
 
 if __name__ == "__main__":

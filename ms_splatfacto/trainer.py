@@ -26,10 +26,17 @@ class MsTrainerConfig(TrainerConfig):
 
 class MsTrainer(Trainer):
     def __init__(self, config: MsTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
+        spec = config.pipeline.model.devices
         try:
-            device = parse_devices(config.pipeline.model.devices)[0]
+            members = parse_devices(spec)
         except DeviceSpecError as err:
             raise SystemExit(f"ms-splatfacto: {err}") from None
+        if len(members) != 1:
+            raise SystemExit(
+                f"ms-splatfacto: Device spec {spec!r} names {len(members)} members, but the model does not yet keep "
+                "its Gaussians on the aggregate device; train on one member ('cpu', 'cuda:0') for now."
+            )
+        device = members[0]
         config.machine.device_type = device.type  # nerfstudio reads it for autocast and AMP decisions
         super().__init__(config, local_rank, world_size)
         self.device = str(device)

@@ -228,6 +228,16 @@ def test_colmap_without_points_falls_back_to_random(tmp_path: Path, lund_tiny: P
     assert "initialising 2000 random Gaussians" in out and "rc=0" in out
 
 
+def test_multi_member_spec_is_refused_until_the_model_uses_it(tmp_path: Path, lund_tiny: Path):
+    result = ns(
+        "ns-train", "ms-splatfacto", "--output-dir", str(tmp_path), "--pipeline.model.devices", "cpu:4",
+        "colmap", "--data", str(lund_tiny), "--colmap-path", "sparse/0", check=False,
+    )
+    out = flat(result.stdout + result.stderr)
+    assert result.returncode != 0 and "Traceback" not in out
+    assert "Device spec 'cpu:4' names 4 members" in out
+
+
 @pytest.mark.parametrize("spec", ["cuda:7", "gpu", "cpu:x"])
 def test_unmeetable_device_spec_is_refused(spec: str, tmp_path: Path, lund_tiny: Path):
     result = ns(

@@ -1,0 +1,148 @@
+"""The aggregate tensor: an ordinary-looking `torch.Tensor` whose rows are striped over the members.
+
+Model and optimizer code keeps calling ordinary torch functions; `__torch_dispatch__` hands every aten
+op to the rule registry (`rules.py`), which runs it member by member. The tensor reports member 0's
+device, so `module.to(that device)` leaves aggregate parameters in place; `.to()` onto a device that is
+not a member (e.g. `.cpu()` of a CUDA aggregate, for export) returns an ordinary tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from ms_splatfacto.backend.aggregate import exchange
+from ms_splatfacto.backend.aggregate.layout import Layout, even_layout
+from ms_splatfacto.backend.aggregate.members import Members, members
+from ms_splatfacto.backend.aggregate.storage import chunks_of
+
+_FUSE = [True]
+
+
+def fusing(layout: Layout) -> bool:
+    """Whether ops on `layout` may run as one launch over contiguous storage (all members on one
+    device) instead of one launch per member; tests switch it off to run the per-member path."""
+    return _FUSE[0] and layout.members.single_device
+
+
+@contextlib.contextmanager
+def per_member_execution() -> Iterator[None]:
+    """Run every op member by member even where members share a device (the CUDA multi-GPU path)."""
+    previous, _FUSE[0] = _FUSE[0], False
+    try:
+        yield
+    finally:
+        _FUSE[0] = previous
+
+
+class AggregateTensor(torch.Tensor):
+    """Rows striped over members: member d holds rows [layout.bounds[d], layout.bounds[d+1]).
+
+    `_whole` is one tensor holding every row where the storage has one (CPU, virtual GPU members);
+    the per-member chunks are then row views of it, made on first use."""
+
+    _layout: Layout
+    _whole: Optional[torch.Tensor]
+    _chunk_list: Optional[List[torch.Tensor]]
+
+    @staticmethod
+    def __new__(cls, layout: Layout, whole: Optional[torch.Tensor] = None, chunks: Optional[Sequence[torch.Tensor]] = None):
+        ref = whole if whole is not None else max(chunks, key=lambda c: c.shape[0])
+        shape = (layout.rows, *ref.shape[1:])
+        strides = ref.stride()
+        t = torch.Tensor._make_wrapper_subclass(
+            cls, shape, strides=strides, dtype=ref.dtype, device=layout.members.device, layout=ref.layout
+        )
+        t._layout = layout
+        t._whole = whole
+        t._chunk_list = list(chunks) if chunks is not None else None
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return rules.dispatch(func, args, kwargs or {})
+
+    @property
+    def chunks(self) -> List[torch.Tensor]:
+        """Member d's rows ([count_d, ...] on member d's device)."""
+        if self._chunk_list is None:
+            self._chunk_list = chunks_of(self._whole, self._layout)
+        return self._chunk_list
+
+    @property
+    def members(self) -> Members:
+        return self._layout.members
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"AggregateTensor[{self.members}, rows {list(self._layout.counts)}]({to_plain(self.detach())!r})"
+
+    def numpy(self, *, force: bool = False):
+        return to_plain(self.detach()).numpy(force=force)
+
+    def tolist(self):
+        return to_plain(self.detach()).tolist()
+
+    def __reduce_ex__(self, protocol):
+        """Pickled (torch.save) as an ordinary tensor in global row order, so checkpoints are
+        independent of the member count and load with torch.load(weights_only=True)."""
+        plain = to_plain(self.detach())
+        if getattr(self, "_is_param", False):
+            plain = torch.nn.Parameter(plain, requires_grad=self.requires_grad)
+        return plain.__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        copy = self.detach().clone()
+        if getattr(self, "_is_param", False):
+            copy = torch.nn.Parameter(copy, requires_grad=self.requires_grad)
+        memo[id(self)] = copy
+        return copy
+
+
+def is_aggregate(t: object) -> bool:
+    return isinstance(t, AggregateTensor)
+
+
+def wrap(layout: Layout, whole: Optional[torch.Tensor] = None, chunks: Optional[Sequence[torch.Tensor]] = None) -> AggregateTensor:
+    return AggregateTensor(layout, whole, chunks)
+
+
+def aggregate(t: torch.Tensor, spec: Union[str, Members]) -> AggregateTensor:
+    """An aggregate copy of the plain tensor `t` ([rows, ...], held by member 0), rows striped evenly
+    over the members of `spec` ("cpu:4", "cuda", a Members)."""
+    m = spec if isinstance(spec, Members) else members(spec)
+    t = t.detach().to(m.device)
+    layout = even_layout(t.shape[0], m)
+    whole, chunks = exchange.assemble([(0, t)], layout, fusing(layout))
+    return wrap(layout, whole, chunks)
+
+
+def parameter(t: torch.Tensor, spec: Union[str, Members], requires_grad: bool = True) -> torch.nn.Parameter:
+    """An `nn.Parameter` whose data is `aggregate(t, spec)` (still an AggregateTensor)."""
+    return torch.nn.Parameter(aggregate(t, spec), requires_grad=requires_grad)
+
+
+def to_plain(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor with all rows of `t` in global order on member 0's device (a copy);
+    ordinary tensors are returned as they are."""
+    if not is_aggregate(t):
+        return t
+    plain = exchange.gather(t.chunks, t._layout, t._whole)
+    return plain.clone() if plain is t._whole else plain
+
+
+def restripe_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give plain optimizer state (e.g. after `optimizer.load_state_dict`, which keeps loaded tensors
+    ordinary) the layout of its aggregate parameter, so moments live with their rows again."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if is_aggregate(p) and torch.is_tensor(value) and not is_aggregate(value) and value.shape == p.shape:
+                    state[key] = aggregate(value, p.members)
+
+
+from ms_splatfacto.backend.aggregate import rules  # noqa: E402  (the rules need the class above)
