@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import List
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 EXTENSION_NAME = "ms_splatfacto_cpu"
@@ -26,33 +27,38 @@ def cpu_sources() -> list[Path]:
     return sorted((CSRC / "cpu").glob("*.cpp"))
 
 
+def build_extension(name: str, sources: List[Path], build_dir: Path, what: str, hint: str, **options) -> None:
+    """Compile (if needed) and load sources that register torch ops; a failure names `what` and a way out."""
+    from torch.utils.cpp_extension import load
+
+    if not sources:
+        raise KernelBuildError(f"No sources for {what} found under {CSRC}; is the package installed from a checkout?")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        load(
+            name=name,
+            sources=[str(s) for s in sources],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=bool(os.environ.get("MS_SPLATFACTO_VERBOSE_BUILD")),
+            **options,
+        )
+    except Exception as err:  # the compiler's own message is in err
+        raise KernelBuildError(f"Building {what} failed: {err}\n{hint}") from err
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_kernels() -> None:
     """Compile (if needed) and load the CPU kernels; afterwards `torch.ops.ms_splatfacto.*` exist."""
-    from torch.utils.cpp_extension import load
-
     sources = cpu_sources()
-    if not sources:
-        raise KernelBuildError(f"No C++ sources found under {CSRC / 'cpu'}; is the package installed from a checkout?")
     print(f"ms-splatfacto: loading CPU kernels ({len(sources)} sources; the first build takes about a minute)...",
           file=sys.stderr, flush=True)
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]  # torch adds the C++ standard it needs
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    try:
-        load(
-            name=EXTENSION_NAME,
-            sources=[str(s) for s in sources],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(BUILD_DIR),
-            is_python_module=False,
-            verbose=bool(os.environ.get("MS_SPLATFACTO_VERBOSE_BUILD")),
-        )
-    except Exception as err:  # the compiler's own message is in err
-        raise KernelBuildError(
-            f"Building the C++ CPU kernels failed: {err}\n"
-            "Use the pure-PyTorch kernels meanwhile with --pipeline.model.kernels reference."
-        ) from err
+    build_extension(
+        EXTENSION_NAME, sources, BUILD_DIR, "the C++ CPU kernels",
+        "Use the pure-PyTorch kernels meanwhile with --pipeline.model.kernels reference.",
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # torch adds the C++ standard it needs
+        extra_ldflags=["-fopenmp"],
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ms_splatfacto.backend.build import CSRC, KernelBuildError
+from ms_splatfacto.backend.build import CSRC, KernelBuildError, build_extension
 
 EXTENSION_NAME = "ms_splatfacto_cuda"
 CUDA_BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_CUDA_BUILD_DIR", CSRC.parent / ".build" / "cuda"))
@@ -46,30 +46,16 @@ def load_cuda_storage() -> None:
             "The CUDA storage needs a GPU, and torch sees none "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use CPU members (e.g. --pipeline.model.devices cpu:4)."
         )
-    from torch.utils.cpp_extension import load
-
     sources = cuda_sources()
-    if not sources:
-        raise KernelBuildError(f"No CUDA sources found under {CSRC / 'cuda'}; is the package installed from a checkout?")
     print(f"ms-splatfacto: loading the CUDA allocator ({len(sources)} sources; the first build takes a few minutes)...",
           file=sys.stderr, flush=True)
-    CUDA_BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    try:
-        load(
-            name=EXTENSION_NAME,
-            sources=[str(s) for s in sources],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"],
-            extra_ldflags=_cudart_link_flags(),
-            build_directory=str(CUDA_BUILD_DIR),
-            is_python_module=False,
-            verbose=bool(os.environ.get("MS_SPLATFACTO_VERBOSE_BUILD")),
-        )
-    except Exception as err:  # the compiler's own message is in err
-        raise KernelBuildError(
-            f"Building the CUDA allocator failed: {err}\n"
-            "Check that nvcc matches torch's CUDA version (torch.version.cuda) and that CUDA_HOME points at it."
-        ) from err
+    build_extension(
+        EXTENSION_NAME, sources, CUDA_BUILD_DIR, "the CUDA allocator",
+        "Check that nvcc matches torch's CUDA version (torch.version.cuda) and that CUDA_HOME points at it.",
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3"],
+        extra_ldflags=_cudart_link_flags(),
+    )
 
 
 def _cudart_link_flags() -> list[str]:
