@@ -29,7 +29,7 @@ from pytorch_msssim import SSIM
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from ms_splatfacto.backend import parse_devices, rasterization
+from ms_splatfacto.backend import rasterization
 
 
 @dataclass
@@ -58,7 +58,6 @@ class MsSplatfactoModel(SplatfactoModel):
     config: MsSplatfactoModelConfig
 
     def populate_modules(self) -> None:
-        parse_devices(self.config.devices)  # a bad spec fails here, before any work
         self.gauss_params = torch.nn.ParameterDict(self._initial_gaussians())
         self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)

@@ -124,6 +124,19 @@ def test_viewer_render_path_draws_the_scene(trained_run: TrainedRun):
     assert rgb.std() > 0.05  # structure, not a flat colour
 
 
+def test_gpu_trained_config_loads_on_the_cpu(trained_run: TrainedRun, tmp_path: Path):
+    """Viewing and export go through eval_setup on whatever this machine has, whatever trained it."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    config = yaml.load(trained_run.config.read_text(), Loader=yaml.Loader)
+    config.pipeline.model.devices = "cuda:0"
+    moved = tmp_path / "config.yml"
+    moved.write_text(yaml.dump(config))
+    _, pipeline, _, _ = eval_setup(moved, test_mode="test")
+    camera = pipeline.datamanager.eval_dataset.cameras[0:1].to(pipeline.model.device)
+    assert pipeline.model.get_outputs_for_camera(camera)["accumulation"].mean() > 0.5
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
