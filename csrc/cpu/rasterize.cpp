@@ -404,12 +404,20 @@ void sweep_tile(const std::vector<scalar_t>& rows, int64_t stride, int64_t len, 
   }
 }
 
-// Range [start, end) of tile t (flattened over cameras) in the sorted intersections.
-inline void tile_range(const int32_t* offsets, int64_t t, int64_t n_total_tiles, int64_t M, int64_t& start,
-                       int64_t& end) {
-  start = offsets[t];
-  end = t + 1 < n_total_tiles ? offsets[t + 1] : M;
-  end = std::max(end, start);
+// Tile t (flattened over cameras): its camera, pixel rectangle [x0, x1) x [y0, y1) clipped to the
+// image, and its range [start, end) in the sorted intersections.
+struct TileWork {
+  int64_t cam, x0, y0, x1, y1, start, end;
+  bool empty() const { return x0 >= x1 || y0 >= y1; }
+  int64_t n_pixels() const { return (x1 - x0) * (y1 - y0); }
+};
+
+inline TileWork tile_work(const int32_t* offsets, int64_t t, int64_t n_tiles, int64_t n_total_tiles, int64_t tw,
+                          int64_t tile_size, int64_t width, int64_t height, int64_t M) {
+  const int64_t tile = t % n_tiles, x0 = (tile % tw) * tile_size, y0 = (tile / tw) * tile_size;
+  const int64_t start = offsets[t];
+  const int64_t end = std::max<int64_t>(t + 1 < n_total_tiles ? offsets[t + 1] : M, start);
+  return {t / n_tiles, x0, y0, std::min(x0 + tile_size, width), std::min(y0 + tile_size, height), start, end};
 }
 
 template <typename scalar_t>
@@ -430,13 +438,10 @@ void rasterize_fwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
     std::vector<int64_t> last;
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < n_total; ++t) {
-      const int64_t cam = t / n_tiles, tile = t % n_tiles;
-      const int64_t x0 = (tile % tw) * tile_size, y0 = (tile / tw) * tile_size;
-      const int64_t x1 = std::min(x0 + tile_size, width), y1 = std::min(y0 + tile_size, height);
-      if (x0 >= x1 || y0 >= y1) continue;
-      int64_t start, end;
-      tile_range(offsets, t, n_total, M, start, end);
-      const int64_t len = end - start, n_pixels = (x1 - x0) * (y1 - y0);
+      const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
+      if (w.empty()) continue;
+      const int64_t cam = w.cam, x0 = w.x0, y0 = w.y0, x1 = w.x1, y1 = w.y1, start = w.start;
+      const int64_t len = w.end - start, n_pixels = w.n_pixels();
       gather_tile(in, start, len, rows);
       acc.assign(n_pixels * D, scalar_t(0));
       last.assign(n_pixels, -1);
@@ -548,13 +553,10 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
     std::vector<std::vector<Hit<scalar_t>>> hits(tile_size * tile_size);
 #pragma omp for schedule(static, 1)
     for (int64_t t = 0; t < n_total; ++t) {
-      const int64_t cam = t / n_tiles, tile = t % n_tiles;
-      const int64_t x0 = (tile % tw) * tile_size, y0 = (tile / tw) * tile_size;
-      const int64_t x1 = std::min(x0 + tile_size, width), y1 = std::min(y0 + tile_size, height);
-      if (x0 >= x1 || y0 >= y1) continue;
-      int64_t start, end;
-      tile_range(offsets, t, n_total, M, start, end);
-      const int64_t n_pixels = (x1 - x0) * (y1 - y0);
+      const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
+      if (w.empty()) continue;
+      const int64_t cam = w.cam, x0 = w.x0, y0 = w.y0, x1 = w.x1, y1 = w.y1, start = w.start, end = w.end;
+      const int64_t n_pixels = w.n_pixels();
       // Re-run the forward sweep up to each pixel's last composited row, recording the hits.
       limit.resize(n_pixels);
       int64_t len = 0;
