@@ -14,8 +14,10 @@ fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing torch==2.14.1 torchvision==0.29.1 and ms-splatfacto[test] (a few minutes the first time)"
     start=$(date +%s)
+    # This machine's pip config lists local index folders that may be absent; drop pip's notes on them.
     .venv/bin/python -m pip install -q --disable-pip-version-check \
-        torch==2.14.1 torchvision==0.29.1 -e ".[test]"
+        torch==2.14.1 torchvision==0.29.1 -e ".[test]" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     echo "$want" > "$STAMP"
     echo "setup: installed in $(( $(date +%s) - start )) s"
 else
