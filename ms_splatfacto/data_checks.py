@@ -12,14 +12,9 @@ from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 from PIL import Image
 
+from ms_splatfacto.errors import InputError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
-
-
-class DatasetError(SystemExit):
-    """Unusable training data; exits the CLI with this message and no traceback."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"ms-splatfacto: {message}")
 
 
 def colmap_point_count(sparse_dir: Path) -> Optional[int]:
@@ -37,10 +32,10 @@ def colmap_point_count(sparse_dir: Path) -> Optional[int]:
 def check_colmap(config: ColmapDataParserConfig) -> None:
     images = config.data / config.images_path
     if not images.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir()):
-        raise DatasetError(f"No images in {images} (expected {', '.join(sorted(IMAGE_SUFFIXES))} files).")
+        raise InputError(f"No images in {images} (expected {', '.join(sorted(IMAGE_SUFFIXES))} files).")
     sparse = config.data / config.colmap_path
     if not sparse.is_dir():
-        raise DatasetError(f"COLMAP model folder {sparse} does not exist (set --colmap-path).")
+        raise InputError(f"COLMAP model folder {sparse} does not exist (set --colmap-path).")
     if config.load_3D_points and not colmap_point_count(sparse):
         CONSOLE.log(f"[yellow]Warning: the COLMAP model in {sparse} has no 3D points; Gaussians start at random.[/yellow]")
         config.load_3D_points = False
@@ -54,7 +49,7 @@ def preflight(dataparser: DataParserConfig, data: Optional[Path]) -> None:
     """Refuse a missing data folder and run the dataparser's own check; may adjust `dataparser`."""
     folder = Path(data) if data is not None else dataparser.data
     if not folder.exists():
-        raise DatasetError(f"Data folder {folder} does not exist.")
+        raise InputError(f"Data folder {folder} does not exist.")
     dataparser.data = folder
     check = DATAPARSER_CHECKS.get(type(dataparser))
     if check is not None:
@@ -68,4 +63,4 @@ def check_images_readable(image_filenames: Iterable[Path]) -> None:
             with Image.open(path) as image:
                 image.verify()
         except (OSError, SyntaxError) as err:  # PIL raises SyntaxError for some corrupt files
-            raise DatasetError(f"Cannot read image {path}: {err}") from None
+            raise InputError(f"Cannot read image {path}: {err}") from None

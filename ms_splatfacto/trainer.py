@@ -13,7 +13,8 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from torch.nn import Parameter
 
 from ms_splatfacto.backend import DeviceSpecError, parse_devices
-from ms_splatfacto.data_checks import DatasetError, check_images_readable, preflight
+from ms_splatfacto.data_checks import check_images_readable, preflight
+from ms_splatfacto.errors import InputError
 from ms_splatfacto.io import atomic_torch_save
 
 
@@ -30,10 +31,10 @@ class MsTrainer(Trainer):
         try:
             members = parse_devices(spec)
         except DeviceSpecError as err:
-            raise SystemExit(f"ms-splatfacto: {err}") from None
+            raise InputError(str(err)) from None
         if len(members) != 1:
-            raise SystemExit(
-                f"ms-splatfacto: Device spec {spec!r} names {len(members)} members, but the model does not yet keep "
+            raise InputError(
+                f"Device spec {spec!r} names {len(members)} members, but the model does not yet keep "
                 "its Gaussians on the aggregate device; train on one member ('cpu', 'cuda:0') for now."
             )
         device = members[0]
@@ -47,7 +48,7 @@ class MsTrainer(Trainer):
         try:
             super().setup(test_mode)
         except OSError as err:  # unreadable or vanished files, named by the error itself
-            raise DatasetError(f"Cannot read the dataset: {err}") from None
+            raise InputError(f"Cannot read the dataset: {err}") from None
         for dataset in (self.pipeline.datamanager.train_dataset, self.pipeline.datamanager.eval_dataset):
             check_images_readable(dataset.image_filenames)
 

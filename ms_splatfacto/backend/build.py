@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import List
 
+import torch
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 EXTENSION_NAME = "ms_splatfacto_cpu"
 BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_BUILD_DIR", CSRC.parent / ".build" / "cpu"))
@@ -59,6 +61,12 @@ def load_cpu_kernels() -> None:
         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # torch adds the C++ standard it needs
         extra_ldflags=["-fopenmp"],
     )
+
+
+def cpu_ops():
+    """`torch.ops.ms_splatfacto`, building the CPU kernels on first use rather than at import."""
+    load_cpu_kernels()
+    return torch.ops.ms_splatfacto
 
 
 if __name__ == "__main__":

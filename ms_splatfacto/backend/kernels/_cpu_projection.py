@@ -16,17 +16,12 @@ from torch.autograd.function import once_differentiable
 from ms_splatfacto.backend import build
 
 
-def _ops():
-    """`torch.ops.ms_splatfacto`, building the C++ kernels on first use (cached afterwards)."""
-    build.load_cpu_kernels()
-    return torch.ops.ms_splatfacto
-
 
 class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane,
                 radius_clip, calc_compensations):
-        radii, means2d, depths, conics, comps = _ops().project_fwd(
+        radii, means2d, depths, conics, comps = build.cpu_ops().project_fwd(
             means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
             calc_compensations,
         )
@@ -42,7 +37,7 @@ class _Project(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, v_radii, v_means2d, v_depths, v_conics, v_comps):
         means, quats, scales, viewmats, Ks, radii = ctx.saved_tensors
-        v_means, v_quats, v_scales = _ops().project_bwd(
+        v_means, v_quats, v_scales = build.cpu_ops().project_bwd(
             means, quats, scales, viewmats, Ks, ctx.width, ctx.height, ctx.eps2d, radii,
             v_means2d, v_depths, v_conics, v_comps if ctx.calc_compensations else None,
         )
@@ -91,13 +86,13 @@ class _SphericalHarmonics(torch.autograd.Function):
     def forward(ctx, degree, dirs, coeffs, masks):
         ctx.degree = degree
         ctx.save_for_backward(dirs, coeffs, masks)
-        return _ops().sh_fwd(degree, dirs, coeffs, masks)
+        return build.cpu_ops().sh_fwd(degree, dirs, coeffs, masks)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v_colors):
         dirs, coeffs, masks = ctx.saved_tensors
-        v_dirs, v_coeffs = _ops().sh_bwd(ctx.degree, dirs, coeffs, masks, v_colors)
+        v_dirs, v_coeffs = build.cpu_ops().sh_bwd(ctx.degree, dirs, coeffs, masks, v_colors)
         return None, v_dirs, v_coeffs, None
 
 

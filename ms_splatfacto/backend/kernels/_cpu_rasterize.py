@@ -16,11 +16,6 @@ from torch.autograd.function import once_differentiable
 from ms_splatfacto.backend import build
 
 
-def _ops():
-    """`torch.ops.ms_splatfacto`, building the C++ kernels on first use rather than at import."""
-    build.load_cpu_kernels()
-    return torch.ops.ms_splatfacto
-
 
 def isect_tiles(
     means2d: Tensor,  # [C, N, 2]
@@ -38,7 +33,7 @@ def isect_tiles(
     C, N = radii.shape
     assert means2d.shape == (C, N, 2), f"means2d must be [C, N, 2], got {tuple(means2d.shape)}"
     assert depths.shape == (C, N), f"depths must be [C, N], got {tuple(depths.shape)}"
-    return _ops().isect_tiles(means2d.detach(), radii.detach(), depths.detach(), tile_size, tile_width, tile_height)
+    return build.cpu_ops().isect_tiles(means2d.detach(), radii.detach(), depths.detach(), tile_size, tile_width, tile_height)
 
 
 def isect_offset_encode(
@@ -49,7 +44,7 @@ def isect_offset_encode(
 ) -> Tensor:
     """Start of each tile's range in the sorted intersections: offsets [C, tile_height, tile_width] int32."""
     assert isect_ids.dim() == 1, f"isect_ids must be [M], got {tuple(isect_ids.shape)}"
-    return _ops().isect_offset_encode(isect_ids.detach(), n_cameras, tile_width, tile_height)
+    return build.cpu_ops().isect_offset_encode(isect_ids.detach(), n_cameras, tile_width, tile_height)
 
 
 class _RasterizeToPixels(torch.autograd.Function):
@@ -71,7 +66,7 @@ class _RasterizeToPixels(torch.autograd.Function):
         flatten_ids: Tensor,  # [M]
         absgrad: bool,
     ) -> Tuple[Tensor, Tensor]:
-        render_colors, render_alphas, last_ids = _ops().rasterize_to_pixels_fwd(
+        render_colors, render_alphas, last_ids = build.cpu_ops().rasterize_to_pixels_fwd(
             means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
         )
         ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids, last_ids)
@@ -84,7 +79,7 @@ class _RasterizeToPixels(torch.autograd.Function):
     def backward(ctx, v_render_colors: Tensor, v_render_alphas: Tensor):  # [C, H, W, D], [C, H, W, 1]
         means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids, last_ids = ctx.saved_tensors
         absgrad = ctx.absgrad and ctx.needs_input_grad[0]
-        v_means2d, v_means2d_abs, v_conics, v_colors, v_opacities, v_backgrounds = _ops().rasterize_to_pixels_bwd(
+        v_means2d, v_means2d_abs, v_conics, v_colors, v_opacities, v_backgrounds = build.cpu_ops().rasterize_to_pixels_bwd(
             means2d, conics, colors, opacities, backgrounds, *ctx.image, isect_offsets, flatten_ids, last_ids,
             v_render_colors.contiguous(), v_render_alphas.contiguous(), absgrad,
         )
