@@ -6,7 +6,7 @@
     fallback_counts(), exchange_counts()           # ops without a rule; bytes per (src, dst) member
 """
 
-from ms_splatfacto.backend.aggregate.exchange import exchange_counts, reset_exchange
+from ms_splatfacto.backend.aggregate.exchange import exchange_counts, exchange_totals, reset_exchange
 from ms_splatfacto.backend.aggregate.layout import Layout, even_layout
 from ms_splatfacto.backend.aggregate.members import Members, members
 from ms_splatfacto.backend.aggregate.rules import fallback_counts, has_rule, register, reset_fallback_counts
@@ -22,7 +22,7 @@ from ms_splatfacto.backend.aggregate.tensor import (
 )
 
 __all__ = [
-    "AggregateTensor", "Layout", "Members", "Storage", "aggregate", "even_layout", "exchange_counts",
+    "AggregateTensor", "Layout", "Members", "Storage", "aggregate", "even_layout", "exchange_counts", "exchange_totals",
     "fallback_counts", "has_rule", "is_aggregate", "members", "parameter", "per_member_execution",
     "register", "register_storage", "reset_exchange", "reset_fallback_counts", "restripe_optimizer_state",
     "to_plain",

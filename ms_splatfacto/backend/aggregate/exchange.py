@@ -15,22 +15,38 @@ import torch
 from ms_splatfacto.backend.aggregate.layout import Layout
 from ms_splatfacto.backend.aggregate.storage import chunks_of, storage_for
 
-_COUNTS: Dict[Tuple[int, int], int] = defaultdict(int)
+KINDS = ("remote_read", "reduce_scatter", "other")
+"""What a transfer is for: the rasterizer reading projected Gaussians held by another member, the
+backward pass handing gradient partials to their owners, and everything else (re-stripes, gathers,
+intersection routing, image and loss assembly)."""
+
+_COUNTS: Dict[str, Dict[Tuple[int, int], int]] = {kind: defaultdict(int) for kind in KINDS}
 
 
-def record(src: int, dst: int, nbytes: int) -> None:
+def record(src: int, dst: int, nbytes: int, kind: str = "other") -> None:
     """Count `nbytes` moved from member `src` to member `dst` (nothing when they are the same)."""
     if src != dst and nbytes > 0:
-        _COUNTS[(src, dst)] += int(nbytes)
+        _COUNTS[kind][(src, dst)] += int(nbytes)
 
 
-def exchange_counts() -> Dict[Tuple[int, int], int]:
-    """Bytes moved so far per (source member, destination member)."""
-    return dict(_COUNTS)
+def exchange_counts(kind: Optional[str] = None) -> Dict[Tuple[int, int], int]:
+    """Bytes moved so far per (source member, destination member), of one kind or of all kinds."""
+    kinds = KINDS if kind is None else (kind,)
+    total: Dict[Tuple[int, int], int] = defaultdict(int)
+    for k in kinds:
+        for pair, n in _COUNTS[k].items():
+            total[pair] += n
+    return dict(total)
+
+
+def exchange_totals() -> Dict[str, int]:
+    """Bytes moved so far per kind (see KINDS)."""
+    return {kind: sum(_COUNTS[kind].values()) for kind in KINDS}
 
 
 def reset_exchange() -> None:
-    _COUNTS.clear()
+    for counts in _COUNTS.values():
+        counts.clear()
 
 
 def nbytes(t: torch.Tensor) -> int:

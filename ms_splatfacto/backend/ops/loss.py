@@ -1,0 +1,119 @@
+"""splatfacto's photometric loss, (1 - ssim_lambda) * L1 + ssim_lambda * (1 - SSIM), split into
+horizontal bands of tile rows, one band per member, as the reference method splits it.
+
+Each band computes partial sums over the rows it owns; only the sums travel to member 0, where they are
+divided by the global counts, so the result (and its gradient) equals the unbanded loss to float
+rounding. SSIM follows pytorch_msssim.SSIM(data_range=1.0, channel=3) exactly: an 11-tap gaussian
+window (sigma 1.5, built in float32 then cast), "valid" separable convolution, K = (0.01, 0.03). Its
+map row i reads input rows [i, i + 10], so a band reads a 10-row halo from the band(s) below it; the
+halo and the partial sums are counted by the exchange module.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ms_splatfacto.backend.aggregate import exchange
+
+WIN_SIZE = 11
+WIN_SIGMA = 1.5
+C1 = 0.01**2
+C2 = 0.03**2
+"""SSIM stabilisers (K1 * data_range)^2 and (K2 * data_range)^2 for data_range 1.0."""
+
+
+def band_rows(height: int, members: int, tile_size: int) -> List[int]:
+    """Pixel-row boundaries [0, ..., height] of `members` contiguous bands of whole tile rows.
+
+    The ceil(height / tile_size) tile rows are dealt out evenly (the first bands take one more when
+    uneven), so bands align with the rasterizer's tiles; bands are empty when tile rows run out."""
+    assert height >= 0 and members >= 1 and tile_size >= 1, (
+        f"need height >= 0, members >= 1, tile_size >= 1, got {height}, {members}, {tile_size}"
+    )
+    base, extra = divmod(-(-height // tile_size), members)
+    rows, tiles = [0], 0
+    for d in range(members):
+        tiles += base + (d < extra)
+        rows.append(min(tiles * tile_size, height))
+    return rows
+
+
+def gaussian_window(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The 1-D window [WIN_SIZE], computed in float32 then cast, as pytorch_msssim does, so that float64
+    results agree with it to rounding rather than to float32 precision."""
+    coords = torch.arange(WIN_SIZE, dtype=torch.float32) - WIN_SIZE // 2
+    g = torch.exp(-(coords**2) / (2 * WIN_SIGMA**2))
+    return (g / g.sum()).to(device=device, dtype=dtype)
+
+
+def blur(x: Tensor, win: Tensor, rows: bool, cols: bool) -> Tensor:  # x: [N, C, h, w]
+    """Valid separable gaussian blur along rows then columns; an axis is left alone when the image is
+    shorter than the window along it (pytorch_msssim skips such an axis, with a warning)."""
+    c = x.shape[1]
+    if rows:
+        x = F.conv2d(x, win.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    if cols:
+        x = F.conv2d(x, win.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return x
+
+
+def ssim_map(x: Tensor, y: Tensor, win: Tensor, rows: bool, cols: bool) -> Tensor:  # x, y: [N, C, h, w]
+    """pytorch_msssim's SSIM map ([N, C, h - 10, w - 10] where both axes are blurred)."""
+    mu1, mu2 = blur(x, win, rows, cols), blur(y, win, rows, cols)
+    mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
+    sigma1_sq = blur(x * x, win, rows, cols) - mu1_sq
+    sigma2_sq = blur(y * y, win, rows, cols) - mu2_sq
+    sigma12 = blur(x * y, win, rows, cols) - mu1_mu2
+    cs = (2 * sigma12 + C2) / (sigma1_sq + sigma2_sq + C2)
+    return (2 * mu1_mu2 + C1) / (mu1_sq + mu2_sq + C1) * cs
+
+
+def banded_l1_ssim(
+    pred: Tensor,  # [H, W, 3] or [C, H, W, 3]
+    gt: Tensor,  # same shape as pred
+    ssim_lambda: float,
+    bands: Sequence[int],  # [members + 1] row boundaries, e.g. from band_rows
+) -> Tensor:  # scalar
+    """splatfacto's main loss computed band by band: band d sums |gt - pred| over rows
+    [bands[d], bands[d+1]) and the SSIM map over the map rows whose first input row it owns, reading a
+    halo of the next rows from their owners. For [C, H, W, 3] the result is the mean of the C per-image
+    losses (equal to the pooled means, as every image has the same size)."""
+    assert pred.shape == gt.shape, f"pred and gt must have the same shape, got {tuple(pred.shape)}, {tuple(gt.shape)}"
+    assert pred.dim() in (3, 4) and pred.shape[-1] == 3, f"images must be [H, W, 3] or [C, H, W, 3], got {tuple(pred.shape)}"
+    assert pred.dtype == gt.dtype and pred.is_floating_point(), (
+        f"pred and gt must share a floating dtype, got {pred.dtype} and {gt.dtype}"
+    )
+    pred4, gt4 = (pred, gt) if pred.dim() == 4 else (pred[None], gt[None])
+    n, h, w, _ = pred4.shape
+    assert n > 0 and h > 0 and w > 0, f"images must not be empty, got {tuple(pred.shape)}"
+    bands = [int(b) for b in bands]
+    assert len(bands) >= 2 and bands[0] == 0 and bands[-1] == h and all(a <= b for a, b in zip(bands, bands[1:])), (
+        f"bands must be non-decreasing row boundaries from 0 to H={h}, got {bands}"
+    )
+    rows, cols = h >= WIN_SIZE, w >= WIN_SIZE
+    halo = WIN_SIZE - 1 if rows else 0
+    map_h, map_w = h - halo, w - (WIN_SIZE - 1 if cols else 0)
+    win = gaussian_window(pred.dtype, pred.device)
+    halo_row_bytes = 2 * n * w * 3 * pred.element_size()  # one row of pred and one of gt
+    members = len(bands) - 1
+    l1_sums, ssim_sums = [], []
+    for d in range(members):
+        lo, hi = bands[d], bands[d + 1]
+        if lo == hi:
+            continue
+        l1_sums.append((gt4[:, lo:hi] - pred4[:, lo:hi]).abs().sum())
+        end = min(hi, map_h)
+        if end > lo:
+            x = gt4[:, lo : end + halo].permute(0, 3, 1, 2)
+            y = pred4[:, lo : end + halo].permute(0, 3, 1, 2)
+            ssim_sums.append(ssim_map(x, y, win, rows, cols).sum())
+            for e in range(d + 1, members):
+                exchange.record(e, d, max(0, min(end + halo, bands[e + 1]) - max(hi, bands[e])) * halo_row_bytes)
+        exchange.record(d, 0, 2 * pred.element_size())
+    l1 = torch.stack(l1_sums).sum() / (n * h * w * 3)
+    ssim = torch.stack(ssim_sums).sum() / (n * 3 * map_h * map_w)
+    return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim)

@@ -1,0 +1,125 @@
+"""`rasterization` on the aggregate device: gsplat's rendering pipeline, split over the members.
+
+1. projection + SH (`per_member`): each member projects its own Gaussians into every camera;
+2. tile intersection (`plan_tiles`): the camera-major key space cut into one range per member;
+3. rasterization (`tile_rasterize`): each member renders its tile range from the records it reads.
+
+Per-Gaussian outputs are Gaussian-major aggregates ([N, C, ...], rows where the Gaussians live), so
+densification statistics accumulate on the owners; the rendered images are ordinary tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Literal, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ms_splatfacto.backend.aggregate import aggregate, is_aggregate
+from ms_splatfacto.backend.aggregate.members import members as members_of
+from ms_splatfacto.backend.kernels import get_kernels, kernels_for
+from ms_splatfacto.backend.ops.per_member import per_member
+from ms_splatfacto.backend.ops.tiles import plan_tiles, tile_rasterize
+
+RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
+
+
+def _on_aggregate(t: Tensor, spec) -> Tensor:
+    return t if is_aggregate(t) else aggregate(t, spec)
+
+
+def rasterization(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4], need not be normalised
+    scales: Tensor,  # [N, 3], activated (not log)
+    opacities: Tensor,  # [N], activated (not logit)
+    colors: Tensor,  # [N, K, 3] SH coefficients when sh_degree is set, else [N, D]
+    viewmats: Tensor,  # [C, 4, 4] world-to-camera, ordinary
+    Ks: Tensor,  # [C, 3, 3], ordinary
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    eps2d: float = 0.3,
+    sh_degree: Optional[int] = None,
+    tile_size: int = 16,
+    backgrounds: Optional[Tensor] = None,  # [C, D]
+    render_mode: RenderMode = "RGB",
+    absgrad: bool = False,
+    rasterize_mode: Literal["classic", "antialiased"] = "classic",
+    kernels: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    """Render C cameras from Gaussians on the aggregate device (ordinary tensors count as one member).
+
+    Same images as `gsplat.rasterization(..., packed=False)`: colours [C, H, W, D'] and alphas
+    [C, H, W, 1] (ordinary tensors on member 0). The info dict is Gaussian-major: "means2d" [N, C, 2]
+    (its gradient, and `absgrad` with `absgrad=True`, are what densification reads), "radii" [N, C],
+    "depths", "conics", "opacities" as aggregates, plus "width", "height", "n_cameras", "tile_plan".
+    """
+    N, C = means.shape[0], viewmats.shape[0]
+    assert means.shape == (N, 3) and quats.shape == (N, 4) and scales.shape == (N, 3), "bad Gaussian shapes"
+    assert opacities.shape == (N,), f"opacities must be [N], got {tuple(opacities.shape)}"
+    assert viewmats.shape == (C, 4, 4) and Ks.shape == (C, 3, 3), "bad camera shapes"
+    assert rasterize_mode in ("classic", "antialiased"), f"unknown rasterize_mode {rasterize_mode!r}"
+    assert not is_aggregate(viewmats) and not is_aggregate(Ks), "cameras are replicated, ordinary tensors"
+    spec = means.members if is_aggregate(means) else members_of(str(means.device))
+    means, quats, scales, opacities, colors = (_on_aggregate(t, spec) for t in (means, quats, scales, opacities, colors))
+    kernel_set = get_kernels(kernels) if kernels else kernels_for(means.device)
+    with_depth = render_mode in ("RGB+D", "RGB+ED", "D", "ED")
+    depth_only = render_mode in ("D", "ED")
+
+    def project_member(d, means, quats, scales, opacities, colors, viewmats, Ks):
+        radii, means2d, depths, conics, comps = kernel_set.project(
+            means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
+            far_plane=far_plane, radius_clip=radius_clip, calc_compensations=rasterize_mode == "antialiased",
+        )
+        opac = opacities[None, :].expand(C, -1)
+        if comps is not None:
+            opac = opac * comps
+        if depth_only:
+            feats = depths[..., None]
+        else:
+            if sh_degree is None:
+                feats = colors[None].expand(C, -1, -1)
+            else:
+                campos = torch.inverse(viewmats)[:, :3, 3]  # [C, 3]
+                dirs = means[None, :, :] - campos[:, None, :]  # [C, n, 3]
+                feats = kernel_set.spherical_harmonics(sh_degree, dirs, colors, masks=radii > 0)
+                feats = torch.clamp_min(feats + 0.5, 0.0)
+            if with_depth:
+                feats = torch.cat((feats, depths[..., None]), dim=-1)
+        return tuple(x.transpose(0, 1).contiguous() for x in (means2d, conics, feats, opac, depths, radii))
+
+    if sh_degree is not None:
+        assert colors.dim() == 3 and colors.shape[-1] == 3, "SH colours must be [N, K, 3]"
+    means2d, conics, feats, opac, depths, radii = per_member(
+        project_member, (means, quats, scales, opacities, colors), (viewmats, Ks)
+    )
+    if backgrounds is not None and with_depth:
+        backgrounds = backgrounds.new_zeros(C, 1) if depth_only else torch.cat([backgrounds, backgrounds.new_zeros(C, 1)], -1)
+
+    plan = plan_tiles(kernel_set, means2d, radii, depths, width, height, tile_size)
+    render_colors, render_alphas = tile_rasterize(plan, kernel_set, means2d, conics, feats, opac, backgrounds, absgrad)
+    if render_mode in ("ED", "RGB+ED"):
+        render_colors = torch.cat(
+            [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1
+        )
+    info = {
+        "gaussian_major": True,
+        "radii": radii,
+        "means2d": means2d,
+        "depths": depths,
+        "conics": conics,
+        "opacities": opac,
+        "tile_width": math.ceil(width / tile_size),
+        "tile_height": math.ceil(height / tile_size),
+        "tile_size": tile_size,
+        "tile_plan": plan,
+        "n_isects": plan.n_isects,
+        "width": width,
+        "height": height,
+        "n_cameras": C,
+    }
+    return render_colors, render_alphas, info
