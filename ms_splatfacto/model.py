@@ -1,8 +1,11 @@
 """MsSplatfactoModel: splatfacto with a device-agnostic backend.
 
-It subclasses nerfstudio's SplatfactoModel so the viewer, exporter and training loop keep working,
-and replaces only what ties splatfacto to one CUDA GPU: parameter creation (`populate_modules`, which
-also must not download LPIPS weights) and rendering (`get_outputs`, which calls our backend).
+It subclasses nerfstudio's SplatfactoModel so the viewer, exporter and training loop keep working.
+The Gaussian parameters are aggregate parameters striped over the members of `devices` (one layout
+for all six), rendering and the loss run split over the members, and the code here stays plain
+PyTorch: no loop over members, no transfers. What it replaces: parameter creation (splatfacto's has
+a `.cuda()` and downloads LPIPS weights), rendering, the loss, the properties the exporter and viewer
+read (ordinary tensors here) and state-dict loading (which re-stripes the loaded rows).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
-from gsplat.strategy import DefaultStrategy
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.splatfacto import (
     RGB2SH,
@@ -29,7 +31,13 @@ from pytorch_msssim import SSIM
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from ms_splatfacto.backend import rasterization
+from ms_splatfacto.backend import DeviceSpecError
+from ms_splatfacto.backend.aggregate import Members, members, parameter, to_plain
+from ms_splatfacto.backend.ops.loss import band_rows, banded_l1_ssim
+from ms_splatfacto.backend.ops.render import rasterization
+from ms_splatfacto.strategy import MsStrategy
+
+GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
 
 
 @dataclass
@@ -38,7 +46,7 @@ class MsSplatfactoModelConfig(SplatfactoModelConfig):
 
     _target: Type = field(default_factory=lambda: MsSplatfactoModel)
     devices: str = "auto"
-    """Devices that hold the model: 'auto' (the GPU where one exists, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    """Members of the aggregate device holding the Gaussians: 'auto' (the first GPU, else the CPU), 'cpu', 'cpu:N' (N virtual CPU members), 'cuda' (every visible GPU), 'cuda:0,1', 'cuda:0*4' (four virtual members on GPU 0)."""
     kernels: Literal["auto", "cpu", "cuda", "reference"] = "auto"
     """Splatting kernels: 'auto' picks those of the device; 'reference' is the slow pure-PyTorch specification."""
     tile_size: int = 16
@@ -58,7 +66,9 @@ class MsSplatfactoModel(SplatfactoModel):
     config: MsSplatfactoModelConfig
 
     def populate_modules(self) -> None:
-        self.gauss_params = torch.nn.ParameterDict(self._initial_gaussians())
+        self.gauss_params = torch.nn.ParameterDict(
+            {name: parameter(value, self.members) for name, value in self._initial_gaussians().items()}
+        )
         self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)
@@ -75,7 +85,7 @@ class MsSplatfactoModel(SplatfactoModel):
             from nerfstudio.model_components.lib_bilagrid import BilateralGrid
 
             self.bil_grids = BilateralGrid(self.num_train_data, *self.config.grid_shape)
-        self.strategy = DefaultStrategy(
+        self.strategy = MsStrategy(
             prune_opa=self.config.cull_alpha_thresh,
             grow_grad2d=self.config.densify_grad_thresh,
             grow_scale3d=self.config.densify_size_thresh,
@@ -94,7 +104,16 @@ class MsSplatfactoModel(SplatfactoModel):
         )
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
 
-    def _initial_gaussians(self) -> Dict[str, torch.nn.Parameter]:
+    @property
+    def members(self) -> Members:
+        """The aggregate device of the Gaussians. A spec this machine cannot meet (a GPU run's config
+        opened on the CPU for viewing or export) falls back to the CPU; the trainer refuses it instead."""
+        try:
+            return members(self.config.devices)
+        except DeviceSpecError:
+            return members("cpu")
+
+    def _initial_gaussians(self) -> Dict[str, Tensor]:
         """Gaussians at the dataset's seed points (SfM), or uniformly random where it has none."""
         has_points = self.seed_points is not None and self.seed_points[0].shape[0] > 0
         if has_points and not self.config.random_init:
@@ -118,13 +137,29 @@ class MsSplatfactoModel(SplatfactoModel):
         else:
             shs[:, 0] = torch.rand(num_points, 3)
         return {
-            "means": torch.nn.Parameter(means),
-            "scales": torch.nn.Parameter(torch.log(avg_dist.repeat(1, 3))),
-            "quats": torch.nn.Parameter(random_quat_tensor(num_points)),
-            "features_dc": torch.nn.Parameter(shs[:, 0].contiguous()),
-            "features_rest": torch.nn.Parameter(shs[:, 1:].contiguous()),
-            "opacities": torch.nn.Parameter(torch.logit(0.1 * torch.ones(num_points, 1))),
+            "means": means,
+            "scales": torch.log(avg_dist.repeat(1, 3)),
+            "quats": random_quat_tensor(num_points),
+            "features_dc": shs[:, 0].contiguous(),
+            "features_rest": shs[:, 1:].contiguous(),
+            "opacities": torch.logit(0.1 * torch.ones(num_points, 1)),
         }
+
+    # The exporter and the viewer read these as ordinary tensors (copies in global row order).
+    means = property(lambda self: to_plain(self.gauss_params["means"].detach()))
+    scales = property(lambda self: to_plain(self.gauss_params["scales"].detach()))
+    quats = property(lambda self: to_plain(self.gauss_params["quats"].detach()))
+    features_dc = property(lambda self: to_plain(self.gauss_params["features_dc"].detach()))
+    features_rest = property(lambda self: to_plain(self.gauss_params["features_rest"].detach()))
+    opacities = property(lambda self: to_plain(self.gauss_params["opacities"].detach()))
+    num_points = property(lambda self: self.gauss_params["means"].shape[0])
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        """Splatfacto's load (which resizes to the checkpoint's count), then the rows striped over this
+        model's members: checkpoints hold global row order, whatever member count wrote them."""
+        super().load_state_dict(state_dict, **kwargs)
+        for name in GAUSSIAN_PARAMS:
+            self.gauss_params[name] = parameter(self.gauss_params[name].detach(), self.members)
 
     @staticmethod
     def _lpips_if_available() -> Optional[torch.nn.Module]:
@@ -209,6 +244,31 @@ class MsSplatfactoModel(SplatfactoModel):
         if not self.training:
             background = background.expand(height, width, 3)
         return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        """Splatfacto's losses, with L1 + SSIM computed in bands of tile rows, one per member."""
+        gt_img = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        pred_img = outputs["rgb"]
+        if "mask" in batch:
+            mask = self._downscale_if_required(batch["mask"]).to(self.device)
+            assert mask.shape[:2] == gt_img.shape[:2] == pred_img.shape[:2]
+            gt_img, pred_img = gt_img * mask, pred_img * mask
+        bands = band_rows(pred_img.shape[0], len(self.members), self.config.tile_size)
+        loss_dict = {"main_loss": banded_l1_ssim(pred_img, gt_img, self.config.ssim_lambda, bands)}
+        if self.config.use_scale_regularization and self.step % 10 == 0:
+            scale_exp = torch.exp(self.gauss_params["scales"])
+            ratio = scale_exp.amax(dim=-1) / scale_exp.amin(dim=-1)
+            loss_dict["scale_reg"] = 0.1 * (torch.clamp_min(ratio, self.config.max_gauss_ratio) - self.config.max_gauss_ratio).mean()
+        else:
+            loss_dict["scale_reg"] = torch.tensor(0.0, device=self.device)
+        if self.training:
+            self.camera_optimizer.get_loss_dict(loss_dict)
+            if self.config.use_bilateral_grid:
+                from nerfstudio.model_components.lib_bilagrid import total_variation_loss
+
+                loss_dict["tv_loss"] = 10 * total_variation_loss(self.bil_grids.grids)
+        return loss_dict
 
 
 class _NanMetric(torch.nn.Module):

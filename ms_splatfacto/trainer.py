@@ -13,6 +13,7 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from torch.nn import Parameter
 
 from ms_splatfacto.backend import DeviceSpecError, parse_devices
+from ms_splatfacto.backend.aggregate import restripe_optimizer_state
 from ms_splatfacto.data_checks import check_images_readable, preflight
 from ms_splatfacto.errors import InputError
 from ms_splatfacto.io import atomic_torch_save
@@ -32,12 +33,7 @@ class MsTrainer(Trainer):
             members = parse_devices(spec)
         except DeviceSpecError as err:
             raise InputError(str(err)) from None
-        if len(members) != 1:
-            raise InputError(
-                f"Device spec {spec!r} names {len(members)} members, but the model does not yet keep "
-                "its Gaussians on the aggregate device; train on one member ('cpu', 'cuda:0') for now."
-            )
-        device = members[0]
+        device = members[0]  # the aggregate device reports its first member's device
         config.machine.device_type = device.type  # nerfstudio reads it for autocast and AMP decisions
         super().__init__(config, local_rank, world_size)
         self.device = str(device)
@@ -55,6 +51,8 @@ class MsTrainer(Trainer):
     def _load_checkpoint(self) -> None:
         super()._load_checkpoint()
         repoint_optimizers(self.optimizers, self.pipeline.model.get_param_groups())
+        for optimizer in self.optimizers.optimizers.values():
+            restripe_optimizer_state(optimizer)  # loaded moments are ordinary; stripe them like their rows
 
     def save_checkpoint(self, step: int) -> None:
         """As nerfstudio's, but written atomically: an interrupted save keeps the previous checkpoint."""
