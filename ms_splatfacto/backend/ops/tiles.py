@@ -54,8 +54,10 @@ class MemberTiles:
 
     cam_lo: int
     cam_hi: int
+    isect_ids: Tensor  # [M_r] int64, sorted: (camera, tile, depth) keys of the member's range
     offsets: Tensor  # [C_r, tile_height, tile_width] int32, into flatten_ids
     flatten_ids: Tensor  # [M_r] int32, into the member's records
+    records: Tensor  # [n_records] int64: camera * N + global row of each record, sorted
     n_records: int
     sources: List[SourceRecords]
     pixels: Tensor  # [C_r, H, W] bool: the pixels of its tiles
@@ -182,7 +184,8 @@ def _member_tiles(
         if positions.numel():
             sources.append(SourceRecords(s, positions, rows[positions] - layout.bounds[s], cameras[positions]))
     return MemberTiles(
-        cam_lo, cam_hi, offsets, flatten_ids.int(), unique.shape[0], sources, pixel_owner[cam_lo : cam_hi + 1] == r
+        cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, unique.shape[0], sources,
+        pixel_owner[cam_lo : cam_hi + 1] == r,
     )
 
 
@@ -249,7 +252,11 @@ class _TileRasterize(torch.autograd.Function):
             g_render = exchange.to_member(v_render[cams] * mask, r, layout)
             g_alpha = exchange.to_member(v_alphas[cams] * mask, r, layout)
             exchange.record(0, r, int(work.pixels.sum()) * (v_render.shape[-1] + 1) * v_render.element_size())
-            found = list(torch.autograd.grad((colors_r, alphas_r), records, (g_render, g_alpha), allow_unused=True))
+            pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
+            found = list(
+                torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
+                if pairs else [None] * len(records)
+            )
             if ctx.absgrad:
                 found.append(getattr(records[0], "absgrad", None))
             _reduce_scatter(work, r, found, owned, ctx.row_shapes, layout)
