@@ -1,0 +1,96 @@
+"""Whole training steps of MsSplatfactoModel (forward, loss, backward, Adam, densification statistics and
+one refinement) on four CPU members give the parameters of one member, without any fallback."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.scene_box import SceneBox
+
+from ms_splatfacto.backend.aggregate import fallback_counts, is_aggregate, reset_fallback_counts, to_plain
+from ms_splatfacto.model import GAUSSIAN_PARAMS, MsSplatfactoModelConfig
+
+WIDTH, HEIGHT, STEPS = 64, 48, 5
+
+
+def make_model(spec: str):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(600, 3, generator=g) * torch.tensor([1.5, 1.0, 0.5]) + torch.tensor([0.0, 0.0, -5.0])
+    colors = torch.randint(0, 256, (600, 3), generator=g, dtype=torch.uint8)
+    config = MsSplatfactoModelConfig(
+        devices=spec, warmup_length=1, refine_every=2, densify_grad_thresh=2e-4, sh_degree_interval=2,
+        background_color="black",
+    )
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1, seed_points=(points, colors))
+    model.train()
+    return model
+
+
+def camera_and_image():
+    g = torch.Generator().manual_seed(1)
+    camera = Cameras(
+        camera_to_worlds=torch.eye(4)[None, :3, :], fx=60.0, fy=60.0, cx=WIDTH / 2, cy=HEIGHT / 2, width=WIDTH, height=HEIGHT
+    )
+    image = torch.rand(HEIGHT, WIDTH, 3, generator=g)
+    return camera, {"image": image}
+
+
+def train_steps(spec: str):
+    model = make_model(spec)
+    camera, batch = camera_and_image()
+    lrs = {"means": 1.6e-4, "scales": 5e-3, "quats": 1e-3, "features_dc": 2.5e-3, "features_rest": 1.25e-4, "opacities": 5e-2}
+    optimizers = {name: torch.optim.Adam(params, lr=lrs[name], eps=1e-15) for name, params in model.get_gaussian_param_groups().items()}
+    torch.manual_seed(2)  # the split's noise
+    reset_fallback_counts()
+    log = []
+    for step in range(STEPS):
+        model.step_cb(SimpleNamespace(optimizers=optimizers), step)
+        outputs = model.get_outputs(camera.to("cpu"))
+        loss = sum(model.get_loss_dict(outputs, batch).values())
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        loss.backward()
+        for optimizer in optimizers.values():
+            optimizer.step()
+        model.step_post_backward(step)
+        log.append((float(loss), model.num_points))
+    return model, optimizers, log, fallback_counts()
+
+
+@pytest.fixture(scope="module")
+def one_member():
+    return train_steps("cpu")
+
+
+@pytest.mark.parametrize("spec", ["cpu:4", "cpu:3"])
+def test_training_steps_on_members_equal_one_member(one_member, spec: str):
+    model1, optimizers1, log1, _ = one_member
+    model4, optimizers4, log4, fallbacks = train_steps(spec)
+    assert fallbacks == {}
+    assert log1[-1][1] > log1[0][1], "the refinement at step 4 should have grown the model"
+    assert [n for _, n in log4] == [n for _, n in log1]
+    for (loss1, _), (loss4, _) in zip(log1, log4):
+        assert loss4 == pytest.approx(loss1, rel=1e-5)
+    for name in GAUSSIAN_PARAMS:
+        p4 = model4.gauss_params[name]
+        assert is_aggregate(p4) and str(p4.members) == spec
+        assert max(p4._layout.counts) - min(p4._layout.counts) <= 1, f"{name} is not evenly striped"
+        torch.testing.assert_close(to_plain(p4.detach()), model1.gauss_params[name].detach(), rtol=1e-4, atol=1e-6, msg=name)
+        state4 = optimizers4[name].state[p4]
+        state1 = optimizers1[name].state[model1.gauss_params[name]]
+        torch.testing.assert_close(to_plain(state4["exp_avg"]), to_plain(state1["exp_avg"]), rtol=1e-4, atol=1e-8, msg=name)
+    for key in ("grad2d", "count"):
+        torch.testing.assert_close(to_plain(model4.strategy_state[key]), to_plain(model1.strategy_state[key]), rtol=1e-4, atol=1e-7)
+
+
+def test_exporter_and_viewer_properties_are_ordinary_tensors():
+    model = make_model("cpu:4")
+    for name in GAUSSIAN_PARAMS:
+        value = getattr(model, name)
+        assert not is_aggregate(value)
+        assert torch.equal(value, to_plain(model.gauss_params[name].detach()))
+    assert model.num_points == 600
