@@ -255,7 +255,9 @@ class MsSplatfactoModel(SplatfactoModel):
             assert mask.shape[:2] == gt_img.shape[:2] == pred_img.shape[:2]
             gt_img, pred_img = gt_img * mask, pred_img * mask
         bands = band_rows(pred_img.shape[0], len(self.members), self.config.tile_size)
-        loss_dict = {"main_loss": banded_l1_ssim(pred_img, gt_img, self.config.ssim_lambda, bands)}
+        # In float64, so the bands' partial sums (and the halo rows' gradients) round once, like one band's.
+        main = banded_l1_ssim(pred_img.double(), gt_img.double(), self.config.ssim_lambda, bands)
+        loss_dict = {"main_loss": main.to(pred_img.dtype)}
         if self.config.use_scale_regularization and self.step % 10 == 0:
             scale_exp = torch.exp(self.gauss_params["scales"])
             ratio = scale_exp.amax(dim=-1) / scale_exp.amin(dim=-1)

@@ -516,13 +516,13 @@ struct GradLayout {
 // only where o_k exp(-sigma_k) <= 0.999.
 //
 // Per-Gaussian sums: each tile accumulates into its own rows, which are then added to the
-// thread's buffer; tiles go round-robin to threads (static schedule), and the thread buffers are
-// summed in thread order, so results are deterministic for a given thread count.
+// thread's float64 buffer; tiles go round-robin to threads (static schedule), and the thread buffers
+// are summed in thread order. The float64 sums make the result independent of how tiles are
+// partitioned (threads, or members of an aggregate device) up to rounding far below float32's.
 template <typename scalar_t>
 void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, int64_t tile_size,
                         const at::Tensor& last_ids, const at::Tensor& v_colors_out, const at::Tensor& v_alphas_out,
-                        bool absgrad, at::Tensor& v_means2d, at::Tensor& v_means2d_abs, at::Tensor& v_conics,
-                        at::Tensor& v_colors, at::Tensor& v_opacities, at::Tensor& v_backgrounds) {
+                        bool absgrad, at::Tensor& sums, at::Tensor& v_backgrounds) {
   const int64_t C = in.C, D = in.D, CN = in.C * in.N, tw = in.tile_width, n_tiles = tw * in.tile_height;
   const int64_t stride = kRowHead + D, n_total = C * n_tiles, M = in.M;
   const GradLayout L(D, absgrad);
@@ -536,7 +536,7 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
   const scalar_t alpha_max = static_cast<scalar_t>(kAlphaMax);
 
   const int64_t max_threads = omp_get_max_threads();
-  at::Tensor buffers = at::zeros({max_threads, CN, K}, in.colors.options());
+  at::Tensor buffers = at::zeros({max_threads, CN, K}, in.colors.options().dtype(at::kDouble));
   at::Tensor bg_buffers = at::zeros({max_threads, C, D}, in.colors.options());
   int64_t n_threads = 1;
 
@@ -545,7 +545,7 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
     const int64_t tid = omp_get_thread_num();
 #pragma omp single
     n_threads = omp_get_num_threads();
-    scalar_t* buf = buffers.data_ptr<scalar_t>() + tid * CN * K;
+    double* buf = buffers.data_ptr<double>() + tid * CN * K;
     scalar_t* bg_buf = bg_buffers.data_ptr<scalar_t>() + tid * C * D;
     std::vector<scalar_t> rows, tile_grad, T, S(D), v_c(D);
     std::vector<uint8_t> done;
@@ -620,34 +620,22 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
         }
       }
       for (int64_t k = 0; k < len; ++k) {
-        scalar_t* dst = buf + int64_t(flat[start + k]) * K;
+        double* dst = buf + int64_t(flat[start + k]) * K;
         const scalar_t* src = &tile_grad[k * K];
         for (int64_t j = 0; j < K; ++j) dst[j] += src[j];
       }
     }
   }
 
-  const scalar_t* bufs = buffers.data_ptr<scalar_t>();
-  scalar_t* gm = v_means2d.data_ptr<scalar_t>();
-  scalar_t* gq = v_conics.data_ptr<scalar_t>();
-  scalar_t* gc = v_colors.data_ptr<scalar_t>();
-  scalar_t* go = v_opacities.data_ptr<scalar_t>();
-  scalar_t* ga = absgrad ? v_means2d_abs.data_ptr<scalar_t>() : nullptr;
-#pragma omp parallel
-  {
-    std::vector<scalar_t> sum(K);
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < CN; ++g) {
-      std::fill(sum.begin(), sum.end(), scalar_t(0));
-      for (int64_t th = 0; th < n_threads; ++th) {
-        const scalar_t* src = bufs + (th * CN + g) * K;
-        for (int64_t j = 0; j < K; ++j) sum[j] += src[j];
-      }
-      gm[2 * g] = sum[L.mean], gm[2 * g + 1] = sum[L.mean + 1];
-      gq[3 * g] = sum[L.conic], gq[3 * g + 1] = sum[L.conic + 1], gq[3 * g + 2] = sum[L.conic + 2];
-      go[g] = sum[L.opacity];
-      for (int64_t d = 0; d < D; ++d) gc[D * g + d] = sum[L.color + d];
-      if (ga) ga[2 * g] = sum[L.abs], ga[2 * g + 1] = sum[L.abs + 1];
+  const double* bufs = buffers.data_ptr<double>();
+  double* out = sums.data_ptr<double>();
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < CN; ++g) {
+    double* sum = out + g * K;
+    std::fill(sum, sum + K, 0.0);
+    for (int64_t th = 0; th < n_threads; ++th) {
+      const double* src = bufs + (th * CN + g) * K;
+      for (int64_t j = 0; j < K; ++j) sum[j] += src[j];
     }
   }
   v_backgrounds.copy_(bg_buffers.narrow(0, 0, n_threads).sum(0));
@@ -658,7 +646,9 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
 // Gradients of rasterize_to_pixels_fwd. Returns v_means2d [C, N, 2], v_means2d_abs ([C, N, 2] with
 // absgrad, else empty: the sum over pixels of |per-pixel v_means2d|, which gsplat's
 // DefaultStrategy reads), v_conics [C, N, 3], v_colors [C, N, D], v_opacities [C, N] and
-// v_backgrounds [C, D] (computed even without backgrounds; the caller then drops it).
+// v_backgrounds [C, D] (computed even without backgrounds; the caller then drops it). With
+// float64_sums the five per-Gaussian gradients are the unrounded float64 sums, so that partial sums
+// over different tiles (members of an aggregate device) add up to the single-device result.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rasterize_to_pixels_bwd(
     const at::Tensor& means2d,                      // [C, N, 2]
     const at::Tensor& conics,                       // [C, N, 3]
@@ -671,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& last_ids,                     // [C, H, W] int32, from the forward pass
     const at::Tensor& v_render_colors,              // [C, H, W, D]
     const at::Tensor& v_render_alphas,              // [C, H, W, 1]
-    bool absgrad) {
+    bool absgrad, bool float64_sums) {
   const RasterInputs in = check_raster_inputs(means2d, conics, colors, opacities, backgrounds, width, height,
                                               tile_size, isect_offsets, flatten_ids);
   const int64_t C = in.C, N = in.N, D = in.D;
@@ -688,17 +678,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor v_c = v_render_colors.to(options.dtype()).contiguous();
   const at::Tensor v_a = v_render_alphas.to(options.dtype()).contiguous();
   const at::Tensor last = last_ids.contiguous();
-  at::Tensor v_means2d = at::empty({C, N, 2}, options);
-  at::Tensor v_means2d_abs = absgrad ? at::empty({C, N, 2}, options) : at::empty({0}, options);
-  at::Tensor v_conics = at::empty({C, N, 3}, options);
-  at::Tensor v_colors = at::empty({C, N, D}, options);
-  at::Tensor v_opacities = at::empty({C, N}, options);
+  const GradLayout L(D, absgrad);
+  at::Tensor sums = at::empty({C * N, L.width}, options.dtype(at::kDouble));
   at::Tensor v_backgrounds = at::empty({C, D}, options);
   AT_DISPATCH_FLOATING_TYPES(in.colors.scalar_type(), "rasterize_to_pixels_bwd", [&] {
-    rasterize_bwd_impl<scalar_t>(in, width, height, tile_size, last, v_c, v_a, absgrad, v_means2d, v_means2d_abs,
-                                 v_conics, v_colors, v_opacities, v_backgrounds);
+    rasterize_bwd_impl<scalar_t>(in, width, height, tile_size, last, v_c, v_a, absgrad, sums, v_backgrounds);
   });
-  return {v_means2d, v_means2d_abs, v_conics, v_colors, v_opacities, v_backgrounds};
+  const auto out_dtype = float64_sums ? at::kDouble : options.dtype().toScalarType();
+  const auto columns = [&](int64_t first, int64_t count, std::vector<int64_t> shape) {
+    return sums.narrow(1, first, count).reshape(shape).to(out_dtype).contiguous();
+  };
+  return {columns(L.mean, 2, {C, N, 2}), absgrad ? columns(L.abs, 2, {C, N, 2}) : at::empty({0}, options),
+          columns(L.conic, 3, {C, N, 3}), columns(L.color, D, {C, N, D}), columns(L.opacity, 1, {C, N}),
+          v_backgrounds};
 }
 
 TORCH_LIBRARY_FRAGMENT(ms_splatfacto, m) {

@@ -65,13 +65,14 @@ class _RasterizeToPixels(torch.autograd.Function):
         isect_offsets: Tensor,  # [C, tile_height, tile_width]
         flatten_ids: Tensor,  # [M]
         absgrad: bool,
+        float64_sums: bool,
     ) -> Tuple[Tensor, Tensor]:
         render_colors, render_alphas, last_ids = build.cpu_ops().rasterize_to_pixels_fwd(
             means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
         )
         ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids, last_ids)
         ctx.image = (width, height, tile_size)
-        ctx.absgrad = absgrad
+        ctx.absgrad, ctx.float64_sums = absgrad, float64_sums
         return render_colors, render_alphas
 
     @staticmethod
@@ -81,13 +82,19 @@ class _RasterizeToPixels(torch.autograd.Function):
         absgrad = ctx.absgrad and ctx.needs_input_grad[0]
         v_means2d, v_means2d_abs, v_conics, v_colors, v_opacities, v_backgrounds = build.cpu_ops().rasterize_to_pixels_bwd(
             means2d, conics, colors, opacities, backgrounds, *ctx.image, isect_offsets, flatten_ids, last_ids,
-            v_render_colors.contiguous(), v_render_alphas.contiguous(), absgrad,
+            v_render_colors.contiguous(), v_render_alphas.contiguous(), absgrad, ctx.float64_sums,
         )
+        if ctx.float64_sums:
+            means2d.float64_sums = {"means2d": v_means2d, "conics": v_conics, "colors": v_colors,
+                                    "opacities": v_opacities, "absgrad": v_means2d_abs if absgrad else None}
+            v_means2d, v_conics, v_colors, v_opacities, v_means2d_abs = (
+                t.to(colors.dtype) for t in (v_means2d, v_conics, v_colors, v_opacities, v_means2d_abs)
+            )
         if absgrad:
             means2d.absgrad = v_means2d_abs  # read by gsplat's DefaultStrategy, as gsplat's own kernel sets it
         if backgrounds is None or not ctx.needs_input_grad[4]:
             v_backgrounds = None
-        return v_means2d, v_conics, v_colors, v_opacities, v_backgrounds, None, None, None, None, None, None
+        return v_means2d, v_conics, v_colors, v_opacities, v_backgrounds, None, None, None, None, None, None, None
 
 
 def rasterize_to_pixels(
@@ -102,11 +109,14 @@ def rasterize_to_pixels(
     flatten_ids: Tensor,  # [M]
     backgrounds: Optional[Tensor] = None,  # [C, D]
     absgrad: bool = False,
+    float64_sums: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Front-to-back alpha compositing of each pixel's tile list (see `reference.rasterize_to_pixels`).
 
     Returns colours [C, H, W, D] and alphas [C, H, W, 1]. With absgrad, backward also sets
-    `means2d.absgrad` [C, N, 2], the sum over pixels of the absolute per-pixel gradient.
+    `means2d.absgrad` [C, N, 2], the sum over pixels of the absolute per-pixel gradient. With
+    float64_sums, backward also sets `means2d.float64_sums`: the per-Gaussian gradients before their
+    rounding to the input dtype, so partial sums over different tiles can be added without loss.
     """
     C, N, D = colors.shape
     assert means2d.shape == (C, N, 2), f"means2d must be [C, N, 2], got {tuple(means2d.shape)}"
@@ -117,5 +127,5 @@ def rasterize_to_pixels(
     assert backgrounds is None or backgrounds.shape == (C, D), f"backgrounds must be [C, D] = [{C}, {D}]"
     return _RasterizeToPixels.apply(
         means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets.contiguous(),
-        flatten_ids.contiguous(), absgrad,
+        flatten_ids.contiguous(), absgrad, float64_sums,
     )

@@ -42,9 +42,9 @@ class SourceRecords:
     """The records member r reads from source member s."""
 
     source: int
-    positions: Tensor  # [k] long: where they go among r's records
-    rows: Tensor  # [k] long: Gaussian rows local to s's chunk
-    cameras: Tensor  # [k] long
+    start: int  # its records are r's records [start, stop): grouped by owner, as rows are
+    stop: int
+    flat: Tensor  # [stop - start] long: (row local to s's chunk) * C + camera, into the chunk's records
 
 
 @dataclass
@@ -57,10 +57,11 @@ class MemberTiles:
     isect_ids: Tensor  # [M_r] int64, sorted: (camera, tile, depth) keys of the member's range
     offsets: Tensor  # [C_r, tile_height, tile_width] int32, into flatten_ids
     flatten_ids: Tensor  # [M_r] int32, into the member's records
-    records: Tensor  # [n_records] int64: camera * N + global row of each record, sorted
+    records: Tensor  # [n_records] int64: global row * C + camera of each record, sorted
     n_records: int
     sources: List[SourceRecords]
-    pixels: Tensor  # [C_r, H, W] bool: the pixels of its tiles
+    pixels: Tensor  # [C_r, H, W, 1] bool: the pixels of its tiles
+    n_pixels: int
 
     @property
     def n_cameras(self) -> int:
@@ -120,7 +121,7 @@ def plan_tiles(
         key = ids >> 32
         global_tile = (key >> tile_bits) * per_camera + (key & ((1 << tile_bits) - 1))
         flat = flat.long()
-        record = (flat // n_s) * N + layout.bounds[s] + flat % n_s  # camera * N + global row
+        record = (layout.bounds[s] + flat % n_s) * C + flat // n_s  # global row * C + camera
         dest = torch.bucketize(global_tile, edges.to(ids.device), right=True)
         for r, count in enumerate(torch.bincount(dest, minlength=n_members).tolist()):
             if count:
@@ -175,17 +176,16 @@ def _member_tiles(
         records = torch.zeros(0, dtype=torch.long, device=device)
     unique, flatten_ids = torch.unique(records, return_inverse=True)
     offsets = kernels.isect_offset_encode(ids - (cam_lo << (32 + tile_bits)), cam_hi - cam_lo + 1, tile_width, tile_height)
-    N = layout.rows
-    cameras, rows = unique // max(N, 1), unique % max(N, 1)
-    owners = layout.owners(rows)
-    sources = []
-    for s in range(len(layout.members)):
-        positions = torch.nonzero(owners == s).squeeze(1)
-        if positions.numel():
-            sources.append(SourceRecords(s, positions, rows[positions] - layout.bounds[s], cameras[positions]))
+    firsts = torch.tensor([b * C for b in layout.bounds], dtype=unique.dtype, device=unique.device)
+    cuts = torch.searchsorted(unique, firsts).tolist()
+    sources = [
+        SourceRecords(s, cuts[s], cuts[s + 1], unique[cuts[s] : cuts[s + 1]] - layout.bounds[s] * C)
+        for s in range(len(layout.members))
+        if cuts[s + 1] > cuts[s]
+    ]
+    pixels = pixel_owner[cam_lo : cam_hi + 1, ..., None] == r
     return MemberTiles(
-        cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, unique.shape[0], sources,
-        pixel_owner[cam_lo : cam_hi + 1] == r,
+        cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, unique.shape[0], sources, pixels, int(pixels.sum())
     )
 
 
@@ -198,12 +198,12 @@ def _read_records(work: MemberTiles, fields: Tuple[AggregateTensor, ...], r: int
         tail = field.shape[2:]
         buf = torch.zeros((padded, *tail), dtype=field.dtype, device=layout.members.devices[r])
         for src in work.sources:
-            values = field.chunks[src.source][src.rows, src.cameras]
-            buf.index_copy_(0, src.positions, exchange.to_member(values, r, layout))
+            values = field.chunks[src.source].reshape(-1, *tail).index_select(0, src.flat)
+            buf[src.start : src.stop] = exchange.to_member(values, r, layout)
         out.append(buf.reshape(work.n_cameras, work.padded, *tail))
     per_record = sum(math.prod(f.shape[2:]) * f.element_size() for f in fields)
     for src in work.sources:
-        exchange.record(src.source, r, src.positions.numel() * per_record, kind="remote_read")
+        exchange.record(src.source, r, (src.stop - src.start) * per_record, kind="remote_read")
     return out
 
 
@@ -226,12 +226,13 @@ class _TileRasterize(torch.autograd.Function):
             with torch.set_grad_enabled(track):
                 colors_r, alphas_r = kernels.rasterize_to_pixels(
                     *records, plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids,
-                    backgrounds=bg, absgrad=absgrad,
+                    backgrounds=bg, absgrad=absgrad, float64_sums=True,
                 )
             cams = slice(work.cam_lo, work.cam_hi + 1)
-            render[cams][work.pixels] = exchange.to_member(colors_r[work.pixels], 0, layout)
-            alphas[cams][work.pixels] = exchange.to_member(alphas_r[work.pixels], 0, layout)
-            exchange.record(r, 0, int(work.pixels.sum()) * (D + 1) * colors.element_size())
+            mask = exchange.to_member(work.pixels, 0, layout)
+            render[cams] = torch.where(mask, exchange.to_member(colors_r, 0, layout), render[cams])
+            alphas[cams] = torch.where(mask, exchange.to_member(alphas_r, 0, layout), alphas[cams])
+            exchange.record(r, 0, work.n_pixels * (D + 1) * colors.element_size())
             if track:
                 ctx.graphs.append((r, records, colors_r, alphas_r))
         ctx.plan, ctx.absgrad, ctx.means2d = plan, absgrad, means2d
@@ -248,10 +249,9 @@ class _TileRasterize(torch.autograd.Function):
         for r, records, colors_r, alphas_r in ctx.graphs:
             work = plan.work[r]
             cams = slice(work.cam_lo, work.cam_hi + 1)
-            mask = work.pixels[..., None]
-            g_render = exchange.to_member(v_render[cams] * mask, r, layout)
-            g_alpha = exchange.to_member(v_alphas[cams] * mask, r, layout)
-            exchange.record(0, r, int(work.pixels.sum()) * (v_render.shape[-1] + 1) * v_render.element_size())
+            g_render = exchange.to_member(v_render[cams], r, layout) * work.pixels
+            g_alpha = exchange.to_member(v_alphas[cams], r, layout) * work.pixels
+            exchange.record(0, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
             pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
             found = list(
                 torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
@@ -259,11 +259,14 @@ class _TileRasterize(torch.autograd.Function):
             )
             if ctx.absgrad:
                 found.append(getattr(records[0], "absgrad", None))
-            _reduce_scatter(work, r, found, owned, ctx.row_shapes, layout)
+            exact = getattr(records[0], "float64_sums", None)  # kernel sets that keep unrounded sums
+            if exact is not None:
+                found = [exact[k] for k in ("means2d", "conics", "colors", "opacities", "absgrad")[: len(found)]]
+            _reduce_scatter(work, r, found, owned, ctx.row_shapes, layout, ctx.dtype)
         ctx.graphs = []
         out = [
             wrap(layout, chunks=[
-                g if g is not None
+                g.reshape(layout.counts[d], *ctx.row_shapes[i]).to(ctx.dtype) if g is not None
                 else torch.zeros((layout.counts[d], *ctx.row_shapes[i]), dtype=ctx.dtype, device=layout.members.devices[d])
                 for d, g in enumerate(owned[i])
             ])
@@ -275,23 +278,28 @@ class _TileRasterize(torch.autograd.Function):
         return (None, None, None, None, None, *out[:4])
 
 
-def _reduce_scatter(work: MemberTiles, r: int, found: List[Optional[Tensor]], owned, row_shapes, layout: Layout) -> None:
+def _reduce_scatter(
+    work: MemberTiles, r: int, found: List[Optional[Tensor]], owned, row_shapes, layout: Layout, dtype: torch.dtype
+) -> None:
     """Hand each owner the gradients of its records that member r accumulated (added into the owner's
-    [rows, C, ...] buffer, made on first use); counted per record that crosses members."""
+    [rows * C, ...] buffer, made on first use, in the partials' dtype: float64 where the kernel set
+    gives unrounded sums, so the owner's total rounds like the single-device one); counted per record
+    that crosses members, at the model's dtype."""
     per_record = 0
     for i, g in enumerate(found):
         if g is None:
             continue
         flat = g.reshape(-1, *row_shapes[i][1:])
-        per_record += math.prod(row_shapes[i][1:]) * g.element_size()
+        per_record += math.prod(row_shapes[i][1:]) * dtype.itemsize
         for src in work.sources:
             s = src.source
             if owned[i][s] is None:
-                owned[i][s] = torch.zeros((layout.counts[s], *row_shapes[i]), dtype=g.dtype, device=layout.members.devices[s])
-            values = exchange.to_member(flat[src.positions], s, layout)
-            owned[i][s].index_put_((src.rows.to(values.device), src.cameras.to(values.device)), values, accumulate=True)
+                rows = layout.counts[s] * row_shapes[i][0]
+                owned[i][s] = torch.zeros((rows, *row_shapes[i][1:]), dtype=g.dtype, device=layout.members.devices[s])
+            values = exchange.to_member(flat[src.start : src.stop], s, layout)
+            owned[i][s].index_add_(0, src.flat.to(values.device), values)
     for src in work.sources:
-        exchange.record(r, src.source, src.positions.numel() * per_record, kind="reduce_scatter")
+        exchange.record(r, src.source, (src.stop - src.start) * per_record, kind="reduce_scatter")
 
 
 def tile_rasterize(
