@@ -78,14 +78,14 @@ def test_fallback_is_counted_and_logged_once(caplog):
     reset_fallback_counts()
     x0 = torch.randn(10, 3)
     x = aggregate(x0, "cpu:4")
-    with caplog.at_level(logging.WARNING):
-        first, second = x.cumsum(0), torch.cummax(x, 0).values
-        third = x.cumsum(0)
+    with caplog.at_level(logging.WARNING):  # ops without a rule
+        first, second = torch.roll(x, 1, 0), torch.kthvalue(x, 2, 0).values
+        third = torch.roll(x, 1, 0)
     assert is_aggregate(first) and first._layout.counts == (3, 3, 2, 2)
-    assert torch.equal(to_plain(first), x0.cumsum(0)) and torch.equal(to_plain(second), torch.cummax(x0, 0).values)
-    assert torch.equal(to_plain(third), x0.cumsum(0))
-    assert fallback_counts() == {"cumsum": 2, "cummax": 1}
-    assert sum("no rule for aten.cumsum" in r.message for r in caplog.records) == 1
+    assert torch.equal(to_plain(first), torch.roll(x0, 1, 0)) and torch.equal(to_plain(second), torch.kthvalue(x0, 2, 0).values)
+    assert torch.equal(to_plain(third), torch.roll(x0, 1, 0))
+    assert fallback_counts() == {"roll": 2, "kthvalue": 1}
+    assert sum("no rule for aten.roll" in r.message for r in caplog.records) == 1
     reset_fallback_counts()
     assert fallback_counts() == {}
 
@@ -94,9 +94,10 @@ def test_fallback_writes_back_in_place_results():
     reset_fallback_counts()
     x0 = torch.randn(9, 2)
     x = aggregate(x0, "cpu:4")
+    index, values = torch.tensor([0, 17]), torch.tensor([5.0, -5.0])
     with per_member_execution():
-        x.cumsum_(0)
-    assert torch.equal(to_plain(x), x0.cumsum(0)) and fallback_counts() == {"cumsum_": 1}
+        x.put_(index, values)  # flat element writes across rows: no rule
+    assert torch.equal(to_plain(x), x0.clone().put_(index, values)) and fallback_counts() == {"put_": 1}
     reset_fallback_counts()
 
 
@@ -125,3 +126,21 @@ def test_exchange_counts_gather_and_restripe(per_member: bool):
         assert exchange_counts() == {}
         y.sum(0)  # partials ([2] floats) travel to member 0
         assert exchange_counts() == {(1, 0): 8, (2, 0): 8, (3, 0): 8}
+
+
+def test_storage_modes_pick_the_storage():
+    """Several GPUs: managed storage in the managed mode, one allocation per member in the plain mode;
+    members sharing a device always share one contiguous tensor (checked without a GPU: no allocation)."""
+    from ms_splatfacto.backend.aggregate.members import Members
+    from ms_splatfacto.backend.aggregate.storage import ContiguousStorage, ManagedStorage, PerMemberStorage, storage_for
+
+    gpus = (torch.device("cuda", 0), torch.device("cuda", 1))
+    managed, plain = Members("cuda:0,1", gpus), Members("cuda:0,1", gpus, storage="plain")
+    assert managed.managed and not plain.managed
+    assert isinstance(storage_for(even_layout(10, managed)), ManagedStorage)
+    assert isinstance(storage_for(even_layout(10, plain)), PerMemberStorage)
+    virtual = Members("cuda:0*4", (gpus[0],) * 4)
+    assert not virtual.managed and isinstance(storage_for(even_layout(10, virtual)), ContiguousStorage)
+    assert members("cpu:3", "plain").storage == "plain" and not members("cpu:3").managed
+    with pytest.raises(ValueError, match="not one of managed, plain"):
+        members("cpu:2", "unified")

@@ -216,3 +216,91 @@ def test_plain_mode_on_gpus():
     assert [p.device for p in parts] == [torch.device("cuda", m) for m in members]
     assert sum(p.shape[0] for p in parts) == 100
     assert not any(cuda_storage.is_managed(p) for p in parts)
+
+
+# --- the managed allocator (torch.cuda.memory.CUDAPluggableAllocator) ---------------------------------
+
+ALLOCATOR_SYMBOLS = ["ms_managed_malloc", "ms_managed_free", "ms_managed_set_members", "ms_managed_would_refuse",
+                     "ms_managed_refusal"]
+
+
+def test_allocator_object_exports_the_c_functions(compiled):
+    out, result = compiled
+    assert result.returncode == 0
+    if shutil.which("nm") is None:
+        pytest.skip("nm is absent: symbol check skipped")
+    symbols = subprocess.run(["nm", str(out / "managed_allocator.o")], capture_output=True, text=True, check=True).stdout
+    for name in ALLOCATOR_SYMBOLS:
+        assert f"T {name}\n" in symbols, f"{name} is not exported unmangled"
+
+
+@pytest.fixture(scope="module")
+def allocator_library(tmp_path_factory):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: building the allocator needs the CUDA toolkit (not a GPU)")
+    start = time.perf_counter()
+    path = cuda_storage.build_managed_allocator(tmp_path_factory.mktemp("allocator"))
+    print(f"managed allocator library built in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+def test_allocator_library_builds_links_and_guards(allocator_library):
+    """The library CUDAPluggableAllocator loads: built without a GPU, cached, loadable with ctypes; its
+    free-memory guard refuses what does not fit with a message naming the GPU and the numbers."""
+    assert cuda_storage.build_managed_allocator(allocator_library.parent) == allocator_library  # cached
+    lib = cuda_storage._allocator_library(allocator_library)
+    for name in ALLOCATOR_SYMBOLS:
+        assert getattr(lib, name) is not None
+    assert cuda_storage.allocator_refusal(lib, 100, 100, 1000, 0) == ""
+    message = cuda_storage.allocator_refusal(lib, 101, 100, 1000, 3)
+    assert "refusing 101 bytes on cuda:3, which has only 100 bytes free (of 1000)" in message
+    if not torch.cuda.is_available():
+        assert "cudaGetDeviceCount(&count) failed" in cuda_storage.allocator_would_refuse(lib, 1 << 20, 0)
+
+
+def test_install_refuses_clearly(monkeypatch):
+    monkeypatch.setattr(cuda_storage, "_INSTALLED", [])
+    with pytest.raises(cuda_storage.ManagedAllocatorError, match="serves CUDA members"):
+        cuda_storage.install_managed_allocator(["cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(cuda_storage.ManagedAllocatorError, match="needs a GPU"):
+        cuda_storage.install_managed_allocator(["cuda:0", "cuda:1"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(cuda_storage.ManagedAllocatorError, match="before torch first uses CUDA"):
+        cuda_storage.install_managed_allocator(["cuda:0", "cuda:1"])
+    assert not cuda_storage.managed_allocator_installed()
+
+
+INSTALLED_ON_GPU = """
+import torch
+from ms_splatfacto.backend import cuda_storage
+cuda_storage.install_managed_allocator(["cuda:0"])
+cuda_storage.install_managed_allocator(["cuda:0"])  # again, same GPUs: nothing to do
+x = torch.randn(1 << 20, device="cuda:0") * 2  # op outputs come from the managed allocator
+torch.cuda.synchronize()
+assert cuda_storage.is_managed(x), "not managed"
+assert cuda_storage.accessed_by(x) == [0], cuda_storage.accessed_by(x)
+assert cuda_storage.range_location(x.view(-1, 1024), 0, x.numel() // 1024) == (0, 0)
+free, _ = torch.cuda.mem_get_info(0)
+try:
+    torch.empty(free + (1 << 30), dtype=torch.uint8, device="cuda:0")
+except RuntimeError as err:
+    print("REFUSED", err)
+try:
+    cuda_storage.install_managed_allocator(["cuda:0", "cuda:1"])
+except cuda_storage.ManagedAllocatorError as err:
+    print("SECOND", err)
+print("OK")
+"""
+
+
+@needs_gpu
+def test_managed_allocator_on_a_gpu():
+    """In a fresh process (torch must not have touched CUDA): torch's CUDA tensors are managed,
+    preferred on and prefetched to their GPU, and too-large requests are refused, not attempted."""
+    done = subprocess.run([sys.executable, "-c", INSTALLED_ON_GPU], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert "OK" in done.stdout
+    assert "REFUSED" in done.stdout and "bytes free" in done.stdout
+    assert "SECOND" in done.stdout and "cannot be re-installed" in done.stdout

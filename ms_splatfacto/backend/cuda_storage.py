@@ -6,11 +6,17 @@ all of it, and members compute on `chunk_view`s tagged with their own device. Pl
 (`plain_striped_empty`): one ordinary allocation per member, for machines where managed memory is
 unwanted. The CUDA sources are built lazily, only when a GPU exists; importing this module needs
 torch alone. `nvcc_compile_check` compiles them without a GPU, which is how CPU machines test them.
+
+Op outputs, which torch allocates per member, become managed memory through
+`install_managed_allocator`: a `CUDAPluggableAllocator` over `csrc/cuda/managed_allocator.cu`, which
+must replace torch's caching allocator before torch first touches CUDA.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -30,12 +36,27 @@ DEFAULT_ARCH = "90"
 """Compute capability `nvcc_compile_check` targets by default (H100/H200)."""
 
 
+ALLOCATOR_SOURCE = CSRC / "cuda" / "managed_allocator.cu"
+"""The pluggable allocator's source, built alone into a CUDA-runtime-only library (not the extension)."""
+ALLOCATOR_FUNCTIONS = ("ms_managed_malloc", "ms_managed_free")
+
+
 class CudaUnavailableError(KernelBuildError):
     """The CUDA storage was asked for where no GPU is visible."""
 
 
+class ManagedAllocatorError(RuntimeError):
+    """The managed allocator cannot be installed (CUDA already in use, no GPU, members not GPUs)."""
+
+
 def cuda_sources() -> list[Path]:
+    """Every CUDA source (what the compile check covers)."""
     return sorted((CSRC / "cuda").glob("*.cu"))
+
+
+def extension_sources() -> list[Path]:
+    """The sources of the torch extension (all but the allocator, which is a library of its own)."""
+    return [s for s in cuda_sources() if s != ALLOCATOR_SOURCE]
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +67,7 @@ def load_cuda_storage() -> None:
             "The CUDA storage needs a GPU, and torch sees none "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use CPU members (e.g. --pipeline.model.devices cpu:4)."
         )
-    sources = cuda_sources()
+    sources = extension_sources()
     print(f"ms-splatfacto: loading the CUDA allocator ({len(sources)} sources; the first build takes a few minutes)...",
           file=sys.stderr, flush=True)
     build_extension(
@@ -89,6 +110,14 @@ def _cuda_index(device: torch.device | str | int) -> int:
     if device.type != "cuda":
         raise ValueError(f"Managed storage lives on CUDA devices, got {device}")
     return torch.cuda.current_device() if device.index is None else device.index
+
+
+def _gpu_index(device: torch.device | str | int) -> int:
+    """Like `_cuda_index` but without asking torch for the current device, which initialises CUDA."""
+    device = _device(device)
+    if device.type != "cuda":
+        raise ManagedAllocatorError(f"The managed allocator serves CUDA members, got {device}")
+    return 0 if device.index is None else device.index
 
 
 def managed_striped_empty(shape: Sequence[int], dtype: torch.dtype, devices: Sequence[torch.device | str | int],
@@ -142,6 +171,92 @@ def range_location(base: torch.Tensor, row_start: int, row_count: int) -> tuple[
 def accessed_by(base: torch.Tensor) -> list[int]:
     """GPU indices set to access all of `base` (cudaMemAdviseSetAccessedBy)."""
     return list(_ops().managed_accessed_by(base))
+
+
+def build_managed_allocator(build_dir: Path | str | None = None) -> Path:
+    """Compile `managed_allocator.cu` into a shared library with nvcc (no GPU, no torch headers needed).
+
+    Returns the library's path; cached under a name carrying the source's hash, so an edited source
+    is rebuilt. Raises KernelBuildError with nvcc's output when the build fails.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise KernelBuildError("Building the managed allocator needs nvcc on PATH (the CUDA toolkit matching "
+                               f"torch.version.cuda = {torch.version.cuda}); a GPU is not needed")
+    build_dir = Path(build_dir) if build_dir is not None else CUDA_BUILD_DIR
+    digest = hashlib.sha256(ALLOCATOR_SOURCE.read_bytes()).hexdigest()[:16]
+    library = build_dir / f"libms_managed_allocator_{digest}.so"
+    if library.is_file():
+        return library
+    build_dir.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    command = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-cudart", "shared",
+               str(ALLOCATOR_SOURCE), "-o", str(partial)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KernelBuildError(f"Building the managed allocator failed ({' '.join(command)}):\n{done.stdout}{done.stderr}")
+    partial.replace(library)
+    return library
+
+
+def _allocator_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.ms_managed_set_members.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    lib.ms_managed_refusal.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                                       ctypes.c_char_p, ctypes.c_size_t]
+    lib.ms_managed_would_refuse.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    return lib
+
+
+def allocator_refusal(lib: ctypes.CDLL, nbytes: int, free_bytes: int, total_bytes: int, device: int) -> str:
+    """The allocator's free-memory guard for given numbers: '' when `nbytes` fit, else its message."""
+    message = ctypes.create_string_buffer(512)
+    lib.ms_managed_refusal(nbytes, free_bytes, total_bytes, device, message, len(message))
+    return message.value.decode()
+
+
+def allocator_would_refuse(lib: ctypes.CDLL, nbytes: int, device: int) -> str:
+    """What the allocator would say about `nbytes` on GPU `device` now: '' when it would allocate."""
+    message = ctypes.create_string_buffer(512)
+    lib.ms_managed_would_refuse(nbytes, device, message, len(message))
+    return message.value.decode()
+
+
+_INSTALLED: list[tuple[int, ...]] = []
+"""The member GPUs the installed managed allocator serves (empty until installed)."""
+
+
+def managed_allocator_installed() -> bool:
+    return bool(_INSTALLED)
+
+
+def install_managed_allocator(devices: Sequence[torch.device | str | int]) -> None:
+    """Make torch allocate every CUDA tensor in managed memory (preferred on, and prefetched to, the GPU
+    it is allocated for; accessed by every member GPU in `devices`), so op outputs of an aggregate
+    tensor on several GPUs are managed like its storage.
+
+    Must run before torch's first CUDA allocation (torch cannot swap an allocator in use): raises
+    ManagedAllocatorError if CUDA is already initialised. Installing again for the same GPUs does nothing.
+    """
+    gpus = tuple(sorted({_gpu_index(d) for d in devices}))
+    if _INSTALLED:
+        if gpus != _INSTALLED[0]:
+            raise ManagedAllocatorError(f"The managed allocator already serves GPUs {list(_INSTALLED[0])}; it cannot be "
+                                        f"re-installed for GPUs {list(gpus)} in the same process")
+        return
+    if not torch.cuda.is_available():
+        raise ManagedAllocatorError("The managed allocator needs a GPU, and torch sees none; use CPU members "
+                                    "(e.g. --pipeline.model.devices cpu:4)")
+    if torch.cuda.is_initialized():
+        raise ManagedAllocatorError(
+            "The managed allocator must be installed before torch first uses CUDA, and CUDA is already initialised "
+            "in this process. Create the aggregate device (or call install_managed_allocator) at startup, before any "
+            "tensor is put on a GPU, or use the plain storage mode")
+    lib = _allocator_library(build_managed_allocator())
+    lib.ms_managed_set_members((ctypes.c_int * len(gpus))(*gpus), len(gpus))
+    allocator = torch.cuda.memory.CUDAPluggableAllocator(lib._name, *ALLOCATOR_FUNCTIONS)
+    torch.cuda.memory.change_current_allocator(allocator)
+    _INSTALLED.append(gpus)
 
 
 def nvcc_include_paths() -> list[str]:

@@ -10,6 +10,10 @@ import torch
 
 from ms_splatfacto.backend.devices import parse_devices
 
+STORAGE_MODES = ("managed", "plain")
+"""How rows live on several GPUs: one managed allocation per tensor (and managed op outputs through the
+managed allocator), or one ordinary allocation per member. Members on one device ignore the mode."""
+
 
 @dataclass(frozen=True)
 class Members:
@@ -17,11 +21,13 @@ class Members:
 
     Hashable and printed as its spec, so layouts can be cached per (rows, members). `align` is the row
     granule of chunk boundaries: 1 on the CPU (no pages to align to), larger where storage has pages.
+    `storage` is one of STORAGE_MODES.
     """
 
     spec: str
     devices: Tuple[torch.device, ...]
     align: int = 1
+    storage: str = "managed"
 
     def __str__(self) -> str:
         return self.spec
@@ -40,6 +46,11 @@ class Members:
         cover every chunk of a contiguous storage."""
         return all(d == self.devices[0] for d in self.devices)
 
+    @property
+    def managed(self) -> bool:
+        """Whether rows live in managed memory: several distinct GPUs in the managed storage mode."""
+        return self.storage == "managed" and self.devices[0].type == "cuda" and not self.single_device
+
     def holds(self, device: torch.device) -> bool:
         """Whether `device` is one of the members (a `.to(device)` onto it keeps the aggregate)."""
         device = torch.device(device)
@@ -49,8 +60,17 @@ class Members:
 
 
 @functools.lru_cache(maxsize=None)
-def members(spec: str) -> Members:
-    """The Members for `spec` (one object per spec); refuses bad specs with DeviceSpecError."""
+def members(spec: str, storage: str = "managed") -> Members:
+    """The Members for `spec` (one object per spec and storage mode); refuses bad specs with
+    DeviceSpecError. Several GPUs in the managed mode install the managed allocator, which must happen
+    before torch first uses CUDA (else ManagedAllocatorError says so; the plain mode needs nothing)."""
+    if storage not in STORAGE_MODES:
+        raise ValueError(f"Storage mode {storage!r} is not one of {', '.join(STORAGE_MODES)}")
     devices = tuple(parse_devices(spec))
     canonical = spec.strip().lower()
-    return Members(canonical, devices, align=1)
+    m = Members(canonical, devices, align=1, storage=storage)
+    if m.managed:
+        from ms_splatfacto.backend.cuda_storage import install_managed_allocator
+
+        install_managed_allocator(m.devices)
+    return m

@@ -245,7 +245,7 @@ def pointwise(func, args, kwargs):
     ndim = max(t.dim() for t in flat if torch.is_tensor(t))
     layout = _target_layout(func, args, aggs)
     if any(a.dim() != ndim or a.shape[0] != layout.rows for a in aggs):
-        return DECLINE
+        return DECLINE if _mutates_first(func) else rows_leave_dim0(func, args, kwargs)
 
     def rowed(t, lay):
         return t.dim() == ndim and t.shape[0] == lay.rows and lay.rows != 1
@@ -304,10 +304,8 @@ def _dim_rule(dim_arg: str, extra: int = 0, rowed=_never, reduce: bool = False):
 
 
 for _ops, _arg, _extra, _rowed, _reduce in [
-    ((aten.unsqueeze,), "dim", 1, _never, False),
     ((aten.squeeze.dim, aten.squeeze.dims), "dim", 0, _never, False),
-    ((aten.flip,), "dims", 0, _never, False),
-    ((aten.split, aten.split_with_sizes, aten.unbind, aten.cumsum, aten.cumprod, aten.sort, aten.topk), "dim", 0, _never, False),
+    ((aten.split, aten.split_with_sizes, aten.unbind), "dim", 0, _never, False),
     ((aten._softmax, aten._log_softmax), "dim", 0, _never, False),
     ((aten._softmax_backward_data, aten._log_softmax_backward_data), "dim", 0, _always, False),
     ((aten.gather, aten.scatter, aten.scatter_add, aten.scatter_reduce), "dim", 0, _always, False),
@@ -321,11 +319,18 @@ for _ops, _arg, _extra, _rowed, _reduce in [
     register(*_ops)(_dim_rule(_arg, _extra, _rowed, _reduce))
 
 
+def rows_leave_dim0(func, args, kwargs):
+    """A result whose dim 0 is no longer the rows (a transpose moving the rows, a new leading dim, a
+    broadcast against leading dims) cannot be striped by rows: it is an ordinary tensor on member 0,
+    computed on operands gathered through the exchange (counted)."""
+    return _gathered(func, args, kwargs)
+
+
 @register(aten.transpose.int)
 def transpose(func, args, kwargs):
     x, d0, d1 = args[0], args[1] % max(args[0].dim(), 1), args[2] % max(args[0].dim(), 1)
     if 0 in (d0, d1) and d0 != d1:
-        return DECLINE
+        return rows_leave_dim0(func, args, kwargs)
     return run_local(func, args, kwargs, x._layout)
 
 
@@ -333,13 +338,19 @@ def transpose(func, args, kwargs):
 def permute(func, args, kwargs):
     x, dims = args[0], args[1]
     if x.dim() and dims[0] % x.dim() != 0:
-        return DECLINE
+        return rows_leave_dim0(func, args, kwargs)
     return run_local(func, args, kwargs, x._layout)
 
 
 @register(aten.t)
 def t(func, args, kwargs):
-    return run_local(func, args, kwargs, args[0]._layout) if args[0].dim() < 2 else DECLINE
+    return run_local(func, args, kwargs, args[0]._layout) if args[0].dim() < 2 else rows_leave_dim0(func, args, kwargs)
+
+
+@register(aten.unsqueeze)
+def unsqueeze(func, args, kwargs):
+    x, dim = args[0], args[1] % (args[0].dim() + 1)
+    return run_local(func, args, kwargs, x._layout) if dim != 0 else rows_leave_dim0(func, args, kwargs)
 
 
 @register(aten.squeeze.default)
@@ -394,7 +405,8 @@ def matmul(func, args, kwargs):
     ndim = aggs[0].dim()
 
     def rowed(t, lay):
-        return any(t is c for c in carriers) and t.dim() == ndim and t.shape[0] == lay.rows and lay.rows != 1
+        same_rows = t.dim() == ndim and t.shape[0] == lay.rows
+        return any(t is c for c in carriers) and same_rows and (batched or lay.rows != 1)
 
     return run_local(func, args, kwargs, aggs[0]._layout, rowed)
 
@@ -680,6 +692,324 @@ def scatter_rows(x: AggregateTensor, index: torch.Tensor, values: torch.Tensor, 
             local = exchange.to_member(index[sel] - layout.bounds[d], d, layout)
             chunk.index_put_((local,), exchange.to_member(v, d, layout), accumulate)
     return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# flips, scans, sorts and searches along rows
+
+
+def _members_with_rows(layout: Layout) -> List[int]:
+    return [d for d, n in enumerate(layout.counts) if n]
+
+
+def _account_merge(layout: Layout, out_layout: Layout, bytes_per_row: int) -> None:
+    """Count a merge on member 0: every member's rows travel there, the result is re-striped."""
+    exchange.account_pieces(list(enumerate(layout.counts)), exchange.even_to_first(layout), bytes_per_row)
+    exchange.account_pieces([(0, out_layout.rows)], out_layout, bytes_per_row)
+
+
+def _from_first(t: torch.Tensor, members) -> AggregateTensor:
+    """A plain result on member 0 ([rows, ...]) re-striped evenly (counted)."""
+    return _restripe([(0, t)], members)
+
+
+@register(aten.flip)
+def flip(func, args, kwargs):
+    """Flipping the rows is a re-stripe: each member flips its own rows (and any other dims asked),
+    then the members' pieces, last member first, are dealt out evenly."""
+    x, dims = args[0], _norm_dims(args[1], args[0].dim())
+    if 0 not in dims:
+        return run_local(func, args, kwargs, x._layout)
+    layout = x._layout
+    out_layout = even_layout(layout.rows, x.members)
+    if fusing(out_layout) and x._whole is not None:
+        exchange.account_pieces([(d, layout.counts[d]) for d in reversed(range(len(layout.counts)))], out_layout, exchange.row_bytes(x))
+        return wrap(out_layout, whole=x._whole.flip(dims))
+    return _restripe([(d, x.chunks[d].flip(dims)) for d in reversed(range(len(layout.counts)))], x.members)
+
+
+def _carry_add(carry, total):
+    return total if carry is None else carry + total
+
+
+def _carry_mul(carry, total):
+    return total if carry is None else carry * total
+
+
+def _carry_logaddexp(carry, total):
+    return total if carry is None else torch.logaddexp(carry, total)
+
+
+_SCANS: Dict[Any, Tuple[Callable, Callable]] = {
+    aten.cumsum: (_carry_add, lambda local, carry: local + carry),
+    aten.cumprod: (_carry_mul, lambda local, carry: local * carry),
+    aten.logcumsumexp: (_carry_logaddexp, torch.logaddexp),
+}
+
+
+def _later_wins(local: torch.Tensor, carry: torch.Tensor, packet) -> torch.Tensor:
+    """Where the running extreme comes from this member's rows: ties and NaN go to the later row, as
+    torch's cummax/cummin do."""
+    better = local >= carry if packet is aten.cummax else local <= carry
+    return better | torch.isnan(local) if local.is_floating_point() else better
+
+
+@register(aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default, aten.cummax.default, aten.cummin.default,
+          aten.cumsum_.default, aten.cumprod_.default)
+def scan(func, args, kwargs):
+    """Scans along rows: each member scans its own rows, the members' totals go to member 0, which
+    forms every member's carry (the combined totals of the members before it) and sends it back; the
+    member combines its scan with its carry. In-place scans write the result back. Along other dims
+    the scan is row-local."""
+    b = _bind(func, args, kwargs)
+    x, dim = b["self"], b["dim"]
+    if not isinstance(dim, int):
+        return DECLINE
+    if dim % max(x.dim(), 1) != 0:
+        return run_local(func, args, kwargs, x._layout)
+    packet = func.overloadpacket
+    if packet in (aten.cumsum_, aten.cumprod_):
+        out = scan(getattr(aten, packet.__name__[:-1]).default, (x, dim), {"dtype": b.get("dtype")})
+        return x.copy_(out)
+    layout = x._layout
+    holders = _members_with_rows(layout)
+    if fusing(layout) and x._whole is not None:
+        out = func(x._whole, *args[1:], **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        per_row = exchange.row_bytes(first) * (2 if isinstance(out, tuple) else 1)
+        for d in holders[1:]:
+            exchange.record(d, 0, per_row)
+            exchange.record(0, d, per_row)
+        return tuple(wrap(layout, whole=o) for o in out) if isinstance(out, tuple) else wrap(layout, whole=out)
+    extreme = packet in (aten.cummax, aten.cummin)
+    local = {d: func(x.chunks[d], *args[1:], **kwargs) for d in range(len(layout.counts))}
+    totals = exchange.reduce_to_first([(d, local[d][0][-1:] if extreme else local[d][-1:]) for d in holders], layout)
+    if extreme:
+        index_totals = exchange.reduce_to_first([(d, local[d][1][-1:] + layout.bounds[d]) for d in holders], layout)
+    carry, carry_index, values, indices = None, None, [], []
+    for i, d in enumerate(holders):
+        mine, here = local[d], layout.members.devices[d]
+        if carry is None:
+            values.append(mine[0] if extreme else mine)
+            indices.append(mine[1] + layout.bounds[d] if extreme else None)
+        elif extreme:
+            c, ci = exchange.move(carry, 0, d, layout), exchange.move(carry_index, 0, d, layout)
+            take = _later_wins(mine[0], c, packet)
+            values.append(torch.where(take, mine[0], c))
+            indices.append(torch.where(take, mine[1] + layout.bounds[d], ci))
+        else:
+            values.append(_SCANS[packet][1](mine, exchange.move(carry, 0, d, layout)))
+        if extreme and carry is None:
+            carry, carry_index = totals[i], index_totals[i]
+        elif extreme:
+            take = _later_wins(totals[i], carry, packet)
+            carry, carry_index = torch.where(take, totals[i], carry), torch.where(take, index_totals[i], carry_index)
+        else:
+            carry = _SCANS[packet][0](carry, totals[i])
+    empty = {d: (local[d][0] if extreme else local[d]) for d in range(len(layout.counts)) if d not in holders}
+    chunks = [values[holders.index(d)] if d in holders else empty[d] for d in range(len(layout.counts))]
+    if not extreme:
+        return wrap(layout, chunks=chunks)
+    index_chunks = [indices[holders.index(d)] if d in holders else local[d][1] for d in range(len(layout.counts))]
+    return wrap(layout, chunks=chunks), wrap(layout, chunks=index_chunks)
+
+
+def _rank_keys(t: torch.Tensor) -> torch.Tensor:
+    """Sort keys as a [cols, rows] tensor searchsorted can batch over (bool keys as bytes)."""
+    t = t.reshape(t.shape[0], math.prod(t.shape[1:])).t().contiguous()
+    return t.to(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _merge_sorted(pieces: Sequence[Tuple[torch.Tensor, torch.Tensor]], descending: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The stable merge of per-member sorted (values, global indices) pieces ([n_d, ...] each, in
+    member order, on one device): each element's final row is its row in its piece plus how many
+    elements of every other piece precede it (ties: earlier members first)."""
+    values = torch.cat([v for v, _ in pieces])
+    indices = torch.cat([i for _, i in pieces])
+    if values.is_floating_point() and bool(torch.isnan(values).any()):
+        merged, order = torch.sort(values, dim=0, descending=descending, stable=True)
+        return merged, indices.gather(0, order)
+    keys = [_rank_keys(v) for v, _ in pieces]
+    ascending = [k.flip(-1) if descending else k for k in keys]
+    out_values = torch.empty((values.shape[0], *values.shape[1:]), dtype=values.dtype, device=values.device)
+    cols = math.prod(values.shape[1:])
+    flat_values = out_values.view(values.shape[0], cols).t()
+    flat_indices = torch.empty_like(indices).view(indices.shape[0], cols).t()
+    for d, (k, (v, i)) in enumerate(zip(keys, pieces)):
+        rank = torch.arange(k.shape[1], device=k.device).expand(cols, -1).clone()
+        for e, seq in enumerate(ascending):
+            if e == d or seq.shape[1] == 0:
+                continue
+            before = e < d
+            if descending:
+                rank += seq.shape[1] - torch.searchsorted(seq, k, right=not before)
+            else:
+                rank += torch.searchsorted(seq, k, right=before)
+        flat_values.scatter_(1, rank, v.reshape(v.shape[0], cols).t())
+        flat_indices.scatter_(1, rank, i.reshape(i.shape[0], cols).t())
+    return out_values, flat_indices.t().reshape(indices.shape)
+
+
+@register(aten.sort.default, aten.sort.stable)
+def sort(func, args, kwargs):
+    """Sorting along rows: each member sorts its own rows (stably), member 0 merges the sorted pieces
+    (`_merge_sorted`, stable, so the result equals a stable sort of all rows) and re-stripes values
+    and global row indices evenly. Along other dims row-local."""
+    b = _bind(func, args, kwargs)
+    x, dim, descending = b["self"], b["dim"], bool(b["descending"])
+    if dim % max(x.dim(), 1) != 0:
+        return run_local(func, args, kwargs, x._layout)
+    if x.is_complex():
+        return DECLINE
+    layout = x._layout
+    out_layout = even_layout(layout.rows, x.members)
+    if fusing(out_layout) and x._whole is not None:
+        values, indices = torch.sort(x._whole, dim=0, descending=descending, stable=True)
+        _account_merge(layout, out_layout, exchange.row_bytes(values) + exchange.row_bytes(indices))
+        return wrap(out_layout, whole=values), wrap(out_layout, whole=indices)
+    pieces = []
+    for d in _members_with_rows(layout):
+        v, i = torch.sort(x.chunks[d], dim=0, descending=descending, stable=True)
+        pieces.append((exchange.move(v, d, 0, layout), exchange.move(i + layout.bounds[d], d, 0, layout)))
+    if not pieces:
+        v, i = torch.sort(x.chunks[0], dim=0, descending=descending, stable=True)
+        pieces.append((v, i))
+    values, indices = _merge_sorted(pieces, descending)
+    return _from_first(values, x.members), _from_first(indices, x.members)
+
+
+@register(aten.topk.default)
+def topk(func, args, kwargs):
+    """The k largest (smallest) rows: each member's own top min(k, its rows) go to member 0, which
+    takes the top k of those candidates; values and global row indices are re-striped evenly."""
+    b = _bind(func, args, kwargs)
+    x, k, dim = b["self"], b["k"], b["dim"]
+    if dim % max(x.dim(), 1) != 0:
+        return run_local(func, args, kwargs, x._layout)
+    layout = x._layout
+    out_layout = even_layout(k, x.members)
+    if fusing(out_layout) and x._whole is not None:
+        values, indices = func(x._whole, *args[1:], **kwargs)
+        _account_merge(even_layout(sum(min(k, n) for n in layout.counts), x.members), out_layout,
+                       exchange.row_bytes(values) + exchange.row_bytes(indices))
+        return wrap(out_layout, whole=values), wrap(out_layout, whole=indices)
+    rest = dict(largest=b["largest"], sorted=True)
+    cands, cand_index = [], []
+    for d in _members_with_rows(layout) or [0]:
+        v, i = torch.topk(x.chunks[d], min(k, layout.counts[d]), dim=0, **rest)
+        cands.append(exchange.move(v, d, 0, layout))
+        cand_index.append(exchange.move(i + layout.bounds[d], d, 0, layout))
+    values, pick = torch.topk(torch.cat(cands), k, dim=0, largest=b["largest"], sorted=b["sorted"])
+    indices = torch.cat(cand_index).gather(0, pick)
+    return _from_first(values, x.members), _from_first(indices, x.members)
+
+
+_SCATTER_LOCAL = _dim_rule("dim", 0, _always, False)
+
+
+@register(aten.scatter, aten.scatter_, aten.scatter_add, aten.scatter_add_, aten.scatter_reduce, aten.scatter_reduce_)
+def scatter(func, args, kwargs):
+    """`scatter*` along rows (the backward of sorts and top-k): the index ([K, ...], global row
+    numbers) and source are read on member 0 and each member applies the elements aimed at its rows,
+    the others sent to a spare row that is dropped. Along other dims row-local."""
+    b = _bind(func, args, kwargs)
+    x, dim = b["self"], b["dim"]
+    if not _is_agg(x) or not isinstance(dim, int) or dim % x.dim() != 0:
+        return _SCATTER_LOCAL(func, args, kwargs)
+    layout = x._layout
+    index = _index_on_first(b["index"], layout)
+    src = b.get("src", b.get("value"))
+    src = to_plain(src) if _is_agg(src) else src
+    owners = layout.owners(index)
+    per_element = index.element_size() + (src.element_size() if torch.is_tensor(src) else 0)
+    for d, count in enumerate(torch.bincount(owners.flatten(), minlength=len(layout.counts)).tolist()):
+        exchange.record(0, d, count * per_element)
+    target = x if _mutates_first(func) else x.clone()
+    for d, chunk in enumerate(target.chunks):
+        n = layout.counts[d]
+        spare = torch.cat([chunk, chunk.new_zeros((1, *chunk.shape[1:]))])
+        local = torch.where(owners == d, index - layout.bounds[d], n)
+        bound = dict(b, self=spare, dim=0, index=exchange.to_member(local, d, layout))
+        if torch.is_tensor(src):
+            bound["src"] = exchange.to_member(src, d, layout)
+        call_args, call_kwargs = _call(func, bound)
+        out = func(*call_args, **call_kwargs)
+        chunk.copy_(out[:n])
+    return target
+
+
+def _split_search(x: AggregateTensor, search: Callable[[torch.Tensor, Any], torch.Tensor], values):
+    """Searches in a sorted 1-D aggregate `x`: the position of a value among all rows is the sum of
+    its positions in each member's rows, so every member searches its rows for all `values` and
+    member 0 adds the partial positions."""
+    layout = x._layout
+    plain = to_plain(values) if _is_agg(values) else values
+    if torch.is_tensor(plain):
+        exchange.account_plain(plain, layout, False)
+    partials = [(d, search(x.chunks[d], exchange.to_member(plain, d, layout))) for d in _members_with_rows(layout) or [0]]
+    out = torch.stack(exchange.reduce_to_first(partials, layout)).sum(0).to(partials[0][1].dtype)
+    if _is_agg(values):
+        whole, chunks = exchange.assemble([(0, out)], values._layout, fusing(values._layout))
+        return wrap(values._layout, whole, chunks)
+    return out
+
+
+@register(aten.searchsorted.Tensor, aten.searchsorted.Scalar)
+def searchsorted(func, args, kwargs):
+    """`searchsorted(sorted_sequence, values)`: row-local where the rows are batches (values searched
+    in their own row, or an ordinary 1-D sequence read by every member); a 1-D aggregate sequence
+    is searched by `_split_search`."""
+    b = _bind(func, args, kwargs)
+    seq, values = b["sorted_sequence"], b["self"]
+    if b.get("sorter") is not None:
+        return DECLINE
+    options = {k: b[k] for k in ("out_int32", "right", "side")}
+    if _is_agg(seq) and seq.dim() == 1:
+        return _split_search(seq, lambda chunk, v: torch.searchsorted(chunk, v, **options), values)
+    lead = seq if _is_agg(seq) and seq.dim() > 1 else values if _is_agg(values) else None
+    if lead is None or not torch.is_tensor(values) or values.dim() == 0:
+        return DECLINE
+    return run_local(func, args, kwargs, lead._layout, lambda t, lay: t is not seq or t.dim() > 1)
+
+
+@register(aten.bucketize.Tensor, aten.bucketize.Scalar)
+def bucketize(func, args, kwargs):
+    """`bucketize(input, boundaries)`: row-local for an aggregate input (every member reads the
+    ordinary boundaries); aggregate boundaries are searched by `_split_search`."""
+    b = _bind(func, args, kwargs)
+    values, boundaries = b["self"], b["boundaries"]
+    options = {k: b[k] for k in ("out_int32", "right")}
+    if _is_agg(boundaries):
+        return _split_search(boundaries, lambda chunk, v: torch.bucketize(v, chunk, **options), values)
+    return run_local(func, args, kwargs, values._layout)
+
+
+@register(aten._unique2.default)
+def unique(func, args, kwargs):
+    """`torch.unique` (sorted): each member finds its own unique values and counts, member 0 merges
+    them into the global sorted unique values (and adds counts), re-striped evenly; the inverse index
+    is row-local, each member looking its values up in the global unique values."""
+    b = _bind(func, args, kwargs)
+    x = b["self"]
+    if not b["sorted"] or (x.is_floating_point() and bool(torch.isnan(x).any())):
+        return DECLINE
+    layout = x._layout
+    holders = _members_with_rows(layout) or [0]
+    local = [(d, torch.unique(x.chunks[d], sorted=True, return_counts=True)) for d in holders]
+    uniques = exchange.reduce_to_first([(d, u) for d, (u, _) in local], layout)
+    counts = exchange.reduce_to_first([(d, c) for d, (_, c) in local], layout)
+    merged = torch.unique(torch.cat(uniques), sorted=True)
+    total = torch.zeros(merged.shape[0], dtype=torch.long, device=merged.device)
+    for u, c in zip(uniques, counts):
+        total.index_add_(0, torch.searchsorted(merged, u), c)
+    nothing = torch.empty(0, dtype=torch.long, device=layout.members.device)
+    inverse = nothing
+    if b["return_inverse"]:
+        exchange.account_plain(merged, layout, False)
+        pieces = [torch.searchsorted(exchange.to_member(merged, d, layout), c.flatten()).view(c.shape) for d, c in enumerate(x.chunks)]
+        inverse = wrap(layout, chunks=pieces)
+    out_counts = _from_first(total, x.members) if b["return_counts"] else nothing
+    return _from_first(merged, x.members), inverse, out_counts
 
 
 # ---------------------------------------------------------------------------------------------------
