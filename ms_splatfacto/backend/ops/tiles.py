@@ -88,6 +88,18 @@ class TilePlan:
     work: List[Optional[MemberTiles]]  # None for members without tiles
     n_isects: int
 
+    def remote_page_bytes(self, record_bytes: List[int], page_bytes: int = 4096) -> int:
+        """Remote reads at page granularity: the bytes of every page of another member's record arrays
+        (one per field, `record_bytes` per (row, camera) record) that a member reads from. What moves
+        where managed memory migrates pages rather than serving cache lines; the Morton order makes a
+        member's reads land on fewer pages."""
+        total = 0
+        for r, work in enumerate(self.work):
+            for src in work.sources if work is not None else ():
+                if src.source != r:
+                    total += sum(torch.unique(src.flat * rb // page_bytes).numel() for rb in record_bytes) * page_bytes
+        return total
+
 
 def plan_tiles(
     kernels: ModuleType,
