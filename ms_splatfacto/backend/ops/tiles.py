@@ -203,16 +203,18 @@ def _member_tiles(
 
 def _read_records(work: MemberTiles, fields: Tuple[AggregateTensor, ...], r: int, layout: Layout) -> List[Tensor]:
     """The member's records of each field ([N, C, ...] aggregates) as [C_r, P, ...] arrays, read from
-    their owners (remote reads for records another member holds)."""
+    their owners (remote reads for records another member holds). Records are grouped by owner, so
+    each field is one concatenation of per-owner reads, zero-padded to C_r * P."""
     padded = work.padded * work.n_cameras
     out = []
     for field in fields:
         tail = field.shape[2:]
-        buf = torch.zeros((padded, *tail), dtype=field.dtype, device=layout.members.devices[r])
-        for src in work.sources:
-            values = field.chunks[src.source].reshape(-1, *tail).index_select(0, src.flat)
-            buf[src.start : src.stop] = exchange.to_member(values, r, layout)
-        out.append(buf.reshape(work.n_cameras, work.padded, *tail))
+        pieces = [
+            exchange.to_member(field.chunks[src.source].reshape(-1, *tail).index_select(0, src.flat), r, layout)
+            for src in work.sources
+        ]
+        pieces.append(torch.zeros((padded - work.n_records, *tail), dtype=field.dtype, device=layout.members.devices[r]))
+        out.append(torch.cat(pieces).reshape(work.n_cameras, work.padded, *tail))
     per_record = sum(math.prod(f.shape[2:]) * f.element_size() for f in fields)
     for src in work.sources:
         exchange.record(src.source, r, (src.stop - src.start) * per_record, kind="remote_read")
