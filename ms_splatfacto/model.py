@@ -51,6 +51,10 @@ class MsSplatfactoModelConfig(SplatfactoModelConfig):
     """Splatting kernels: 'auto' picks those of the device; 'reference' is the slow pure-PyTorch specification."""
     tile_size: int = 16
     """Side of the square screen tiles the rasterizer sorts Gaussians into, in pixels."""
+    max_gaussians: int = 0
+    """Densification stops growing at this many Gaussians in total, keeping the highest-gradient candidates (0: no limit)."""
+    memory_budget_bytes: int = 0
+    """Bytes each member may use for a refinement's new Gaussians and copies; growth stops (with a log line) when the next would not fit (0: each member's free GPU memory or available RAM)."""
 
 
 def lpips_weights_path() -> Path:
@@ -101,6 +105,8 @@ class MsSplatfactoModel(SplatfactoModel):
             absgrad=self.config.use_absgrad,
             revised_opacity=False,
             verbose=True,
+            max_gaussians=self.config.max_gaussians,
+            memory_budget_bytes=self.config.memory_budget_bytes,
         )
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
 

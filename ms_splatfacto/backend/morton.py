@@ -28,8 +28,9 @@ def spread_bits(v: Tensor) -> Tensor:
     return v
 
 
-def morton_codes(positions: Tensor) -> Tensor:
-    """Z-order keys of points quantised on a 2^21 grid over the finite points' bounding box.
+def morton_codes(positions: Tensor, among: Tensor | None = None) -> Tensor:
+    """Z-order keys of points quantised on a 2^21 grid over the bounding box of the finite points
+    (of those where `among` ([N] bool) holds, when given: the rows a refinement keeps).
 
     positions: [N, 3] -> [N] int64 in [0, 2^63), x in the lowest interleaved bit; 0 for non-finite points.
     """
@@ -38,34 +39,41 @@ def morton_codes(positions: Tensor) -> Tensor:
     points = torch.where(finite[:, None], positions, torch.zeros_like(positions)).double()
     if points.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64, device=positions.device)
-    low = points[finite].amin(dim=0) if finite.any() else points.new_zeros(3)
-    extent = (points[finite].amax(dim=0) - low).clamp(min=1e-12) if finite.any() else points.new_ones(3)
+    boxed = finite if among is None else finite & among
+    any_boxed = bool(boxed.any())
+    low = points[boxed].amin(dim=0) if any_boxed else points.new_zeros(3)
+    extent = (points[boxed].amax(dim=0) - low).clamp(min=1e-12) if any_boxed else points.new_ones(3)
     top = (1 << BITS_PER_AXIS) - 1
     cells = ((points - low) / extent * top).round().clamp(0, top).long()
     codes = spread_bits(cells[:, 0]) | (spread_bits(cells[:, 1]) << 1) | (spread_bits(cells[:, 2]) << 2)
     return torch.where(finite, codes, torch.zeros_like(codes))
 
 
-def morton_order(positions: Tensor) -> Tensor:
-    """Permutation [N] that sorts `positions` ([N, 3]) along the Z-order curve (stable), with
-    non-finite points (diverged Gaussians, soon pruned) last."""
-    order = torch.sort(morton_codes(positions), stable=True).indices
+def morton_order(positions: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Row indices that sort `positions` ([N, 3]) along the Z-order curve (stable), with non-finite
+    points (diverged Gaussians, soon pruned) last: a permutation [N], or, given `keep` ([N] bool), the
+    kept rows only (pruning and re-ordering in one index)."""
+    order = torch.sort(morton_codes(positions, keep), stable=True).indices
     finite = torch.isfinite(positions).all(dim=1)[order]
-    return torch.cat([order[finite], order[~finite]])
+    if keep is None:
+        return torch.cat([order[finite], order[~finite]])
+    kept = keep[order]
+    return torch.cat([order[finite & kept], order[~finite & kept]])
 
 
 @torch.no_grad()
 def reorder_gaussians(
     params: MutableMapping[str, torch.nn.Parameter],
     optimizers: Dict[str, torch.optim.Optimizer],
-    order: Tensor,  # [N] permutation of the rows
+    order: Tensor,  # [M] row indices: a permutation, or the kept rows in their new order
     state: MutableMapping[str, object] | None = None,
 ) -> None:
-    """Permute the rows of every Gaussian parameter, its optimizer's per-row state and the strategy's
-    per-Gaussian statistics by `order`, in place of the old tensors (as gsplat's strategy ops do)."""
-    n = order.shape[0]
+    """Replace every Gaussian parameter, its optimizer's per-row state and the strategy's per-Gaussian
+    statistics by their rows `order` (as gsplat's strategy ops do): rows left out are dropped, and on
+    the aggregate device the result is evenly re-striped."""
+    n = next(iter(params.values())).shape[0]
     for name, param in list(params.items()):
-        assert param.shape[0] == n, f"{name} has {param.shape[0]} rows, the order has {n}"
+        assert param.shape[0] == n, f"{name} has {param.shape[0]} rows, {next(iter(params))} has {n}"
         new_param = torch.nn.Parameter(param[order], requires_grad=param.requires_grad)
         optimizer = optimizers.get(name)
         if optimizer is not None:
