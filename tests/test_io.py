@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ms_splatfacto.io import atomic_path, atomic_torch_save
-from ms_splatfacto.trainer import plain_numbers
+from ms_splatfacto.checkpoints import plain_numbers
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path: Path):
