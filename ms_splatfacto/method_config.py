@@ -7,6 +7,7 @@ import copy
 from nerfstudio.configs.method_configs import method_configs
 from nerfstudio.plugins.types import MethodSpecification
 
+from ms_splatfacto.datamanager import MsDatamanagerConfig
 from ms_splatfacto.model import MsSplatfactoModelConfig
 from ms_splatfacto.trainer import MsTrainerConfig
 
@@ -18,6 +19,10 @@ def ms_splatfacto_trainer_config() -> MsTrainerConfig:
     config = MsTrainerConfig(**shared)
     config.method_name = "ms-splatfacto"
     config.pipeline.model = MsSplatfactoModelConfig()
+    datamanager = config.pipeline.datamanager
+    config.pipeline.datamanager = MsDatamanagerConfig(
+        **{name: getattr(datamanager, name) for name in datamanager.__dataclass_fields__ if name != "_target"}
+    )
     return config
 
 

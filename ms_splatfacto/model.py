@@ -17,9 +17,11 @@ from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback
 from nerfstudio.models.splatfacto import (
     RGB2SH,
     SplatfactoModel,
+    color_correct,
     SplatfactoModelConfig,
     get_viewmat,
     num_sh_bases,
@@ -35,6 +37,7 @@ from ms_splatfacto.backend import DeviceSpecError
 from ms_splatfacto.backend.aggregate import Members, members, parameter, to_plain
 from ms_splatfacto.backend.ops.loss import band_rows, banded_l1_ssim
 from ms_splatfacto.backend.ops.render import rasterization
+from ms_splatfacto.observability import member_callbacks
 from ms_splatfacto.strategy import MsStrategy
 
 GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
@@ -162,10 +165,26 @@ class MsSplatfactoModel(SplatfactoModel):
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
         """Splatfacto's load (which resizes to the checkpoint's count), then the rows striped over this
-        model's members: checkpoints hold global row order, whatever member count wrote them."""
+        model's members: checkpoints hold global row order, whatever member count wrote them. Gaussians
+        that do not fit this model (missing, another SH degree) are refused with one line naming it."""
+        from ms_splatfacto.checkpoints import check_gaussians
+
+        check_gaussians(state_dict, {name: self.gauss_params[name].shape for name in GAUSSIAN_PARAMS}, self.config.sh_degree)
         super().load_state_dict(state_dict, **kwargs)
         for name in GAUSSIAN_PARAMS:
             self.gauss_params[name] = parameter(self.gauss_params[name].detach(), self.members)
+
+    def get_training_callbacks(self, training_callback_attributes) -> List[TrainingCallback]:
+        """Splatfacto's callbacks plus per-member figures (Gaussians, memory, bytes exchanged) as scalars,
+        and a table at each refinement."""
+        return super().get_training_callbacks(training_callback_attributes) + member_callbacks(self)
+
+    def step_post_backward(self, step: int) -> None:
+        """Splatfacto's, except after a step the trainer skipped for non-finite values (`skip_step`):
+        its gradients must not enter the densification statistics."""
+        if getattr(self, "skip_step", False):
+            return
+        super().step_post_backward(step)
 
     @staticmethod
     def _lpips_if_available() -> Optional[torch.nn.Module]:
@@ -191,9 +210,10 @@ class MsSplatfactoModel(SplatfactoModel):
         return {k: v for k, v in metrics.items() if not k.endswith("lpips")}, images
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
-        """Render one camera: RGB, expected depth (outside training) and accumulation."""
+        """Render one camera ([H, W, ...] outputs) or a training batch of B cameras sharing one image
+        size ([B, H, W, ...]): RGB, expected depth (outside training) and accumulation."""
         if self.training:
-            assert camera.shape[0] == 1, "Only one camera at a time"
+            assert camera.shape[0] == 1 or not self.config.use_bilateral_grid, "the bilateral grid takes one camera per step"
             camera_to_world = self.camera_optimizer.apply_to_camera(camera)
         else:
             camera_to_world = camera.camera_to_worlds
@@ -207,8 +227,9 @@ class MsSplatfactoModel(SplatfactoModel):
 
         scale_factor = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / scale_factor)
-        Ks = camera.get_intrinsics_matrices().to(self.device)  # [1, 3, 3]
-        width, height = int(camera.width.item()), int(camera.height.item())
+        Ks = camera.get_intrinsics_matrices().to(self.device)  # [B, 3, 3]
+        assert (camera.width == camera.width[0]).all() and (camera.height == camera.height[0]).all(), "one image size per batch"
+        width, height = int(camera.width[0]), int(camera.height[0])
         camera.rescale_output_resolution(scale_factor)
         self.last_size = (height, width)
 
@@ -246,21 +267,39 @@ class MsSplatfactoModel(SplatfactoModel):
         depth = None
         if render_mode == "RGB+ED":
             depth = render[..., 3:4]
-            depth = torch.where(alpha > 0, depth, depth.detach().max()).squeeze(0)
+            depth = torch.where(alpha > 0, depth, depth.detach().max())
         if not self.training:
             background = background.expand(height, width, 3)
-        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+        if rgb.shape[0] == 1:  # nerfstudio's single-camera contract: [H, W, ...]
+            rgb, alpha, depth = rgb[0], alpha[0], None if depth is None else depth[0]
+        return {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background}
+
+    def _gt_images(self, batch: Dict[str, Tensor], background: Tensor) -> Tensor:
+        """Ground truth as splatfacto prepares it ([H, W, 3]), image by image for a batch ([B, H, W, 3])."""
+        images = batch["image"]
+        if images.dim() == 3:
+            return self.composite_with_background(self.get_gt_img(images), background)
+        return torch.stack([self.composite_with_background(self.get_gt_img(image), background) for image in images])
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        gt_rgb, predicted_rgb = self._gt_images(batch, outputs["background"]), outputs["rgb"]
+        metrics_dict = {"psnr": self.psnr(predicted_rgb, gt_rgb), "gaussian_count": self.num_points}
+        if self.config.color_corrected_metrics:
+            metrics_dict["cc_psnr"] = self.psnr(color_correct(predicted_rgb, gt_rgb), gt_rgb)
+        self.camera_optimizer.get_metrics_dict(metrics_dict)
+        return metrics_dict
 
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         """Splatfacto's losses, with L1 + SSIM computed in bands of tile rows, one per member."""
-        gt_img = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        gt_img = self._gt_images(batch, outputs["background"])
         pred_img = outputs["rgb"]
         if "mask" in batch:
-            mask = self._downscale_if_required(batch["mask"]).to(self.device)
-            assert mask.shape[:2] == gt_img.shape[:2] == pred_img.shape[:2]
+            masks = batch["mask"] if batch["mask"].dim() == 4 else batch["mask"][None]
+            mask = torch.stack([self._downscale_if_required(m) for m in masks]).to(self.device).reshape(gt_img.shape[:-1] + (1,))
+            assert mask.shape[:-1] == gt_img.shape[:-1] == pred_img.shape[:-1]
             gt_img, pred_img = gt_img * mask, pred_img * mask
-        bands = band_rows(pred_img.shape[0], len(self.members), self.config.tile_size)
+        bands = band_rows(pred_img.shape[-3], len(self.members), self.config.tile_size)
         # In float64, so the bands' partial sums (and the halo rows' gradients) round once, like one band's.
         main = banded_l1_ssim(pred_img.double(), gt_img.double(), self.config.ssim_lambda, bands)
         loss_dict = {"main_loss": main.to(pred_img.dtype)}

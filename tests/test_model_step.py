@@ -95,3 +95,48 @@ def test_exporter_and_viewer_properties_are_ordinary_tensors():
         assert not is_aggregate(value)
         assert torch.equal(value, to_plain(model.gauss_params[name].detach()))
     assert model.num_points == 600
+
+
+def batch_of_cameras(count: int):
+    """`count` cameras around the seed cloud (one image size) and a random image for each."""
+    g = torch.Generator().manual_seed(3)
+    poses = torch.eye(4)[None, :3, :].repeat(count, 1, 1)
+    poses[:, 0, 3] = torch.linspace(-0.4, 0.4, count)
+    poses[:, 1, 3] = torch.linspace(0.2, -0.2, count)
+    camera = Cameras(camera_to_worlds=poses, fx=60.0, fy=60.0, cx=WIDTH / 2, cy=HEIGHT / 2, width=WIDTH, height=HEIGHT)
+    return camera, {"image": torch.rand(count, HEIGHT, WIDTH, 3, generator=g)}
+
+
+def batched_step(spec: str):
+    model = make_model(spec)
+    camera, batch = batch_of_cameras(3)
+    optimizers = {name: torch.optim.Adam(params, lr=1e-3) for name, params in model.get_gaussian_param_groups().items()}
+    model.step_cb(SimpleNamespace(optimizers=optimizers), 0)
+    outputs = model.get_outputs(camera)
+    loss = model.get_loss_dict(outputs, batch)["main_loss"]
+    loss.backward()
+    for optimizer in optimizers.values():
+        optimizer.step()
+    model.step_post_backward(0)
+    return model, outputs, loss
+
+
+def test_a_batch_of_cameras_trains_alike_on_any_member_count():
+    model1, outputs1, loss1 = batched_step("cpu")
+    model4, outputs4, loss4 = batched_step("cpu:4")
+    assert outputs1["rgb"].dim() == 4 and outputs1["rgb"].shape[0] == 3  # [B, H, W, 3] (at splatfacto's initial downscale)
+    assert torch.equal(outputs4["rgb"], outputs1["rgb"]) and float(loss4) == float(loss1)
+    for name in GAUSSIAN_PARAMS:
+        assert torch.equal(to_plain(model4.gauss_params[name].detach()), to_plain(model1.gauss_params[name].detach())), name
+    assert torch.equal(to_plain(model4.strategy_state["count"]), to_plain(model1.strategy_state["count"]))
+    assert to_plain(model1.strategy_state["count"]).max() > 1, "some Gaussian should be seen by several cameras"
+
+
+def test_batched_loss_is_the_mean_of_per_camera_losses():
+    model = make_model("cpu:2")
+    camera, batch = batch_of_cameras(3)
+    model.eval()  # fixed background, so each camera renders alike alone and in the batch
+    with torch.no_grad():
+        together = model.get_loss_dict(model.get_outputs(camera), batch)["main_loss"]
+        alone = [model.get_loss_dict(model.get_outputs(camera[i : i + 1]), {"image": batch["image"][i]})["main_loss"] for i in range(3)]
+    assert float(together) == pytest.approx(float(sum(alone) / 3), rel=1e-6)
