@@ -286,9 +286,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, < 15 minutes on 2 cores")
     parser.add_argument("--tiny", action="store_true", help="seconds: the test suite's size")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--largest-budget-gib", type=float, default=None,
+                        help="resident memory the largest-model search may use (keep it below the machine's RAM)")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    cfg = MODES[mode]
+    cfg = dict(MODES[mode])
+    if args.largest_budget_gib is not None:
+        cfg["largest_budget"] = int(args.largest_budget_gib * 2**30)
     start = time.perf_counter()
     machine = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     title = f"{mode} mode, {machine}, {date.today()}"
