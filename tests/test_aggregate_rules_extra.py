@@ -11,14 +11,12 @@ import torch
 from ms_splatfacto.backend.aggregate import (
     aggregate,
     exchange_counts,
-    fallback_counts,
     is_aggregate,
     per_member_execution,
     reset_exchange,
-    reset_fallback_counts,
     to_plain,
 )
-from tests.test_aggregate_ops import ROWS, SPECS, assert_same, rows_of
+from tests.test_aggregate_ops import ROWS, SPECS, assert_same, mode, rows_of  # noqa: F401 (mode: the fixture)
 
 NOISE = torch.randn(2, 2_000, 3, generator=torch.Generator().manual_seed(11))
 
@@ -67,17 +65,6 @@ INDEX_RESULTS = {
     "unique": lambda x: torch.unique((x * 2).round().long(), return_inverse=True, return_counts=True),
     "unique rows of 1-d": lambda x: torch.unique((x[:, 0] > 0).long()),
 }
-
-
-@pytest.fixture(params=["fused", "per-member"])
-def mode(request):
-    reset_fallback_counts()
-    if request.param == "fused":
-        yield request.param
-    else:
-        with per_member_execution():
-            yield request.param
-    assert fallback_counts() == {}
 
 
 def _leaves(out):
