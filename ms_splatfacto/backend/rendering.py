@@ -13,6 +13,22 @@ from ms_splatfacto.backend.kernels import get_kernels, kernels_for
 RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
 
 
+def backgrounds_for(backgrounds: Optional[Tensor], render_mode: RenderMode) -> Optional[Tensor]:  # [C, D]
+    """Backgrounds of the rendered channels: depth channels composite over zero."""
+    if backgrounds is None or render_mode == "RGB":
+        return backgrounds
+    zero_depth = backgrounds.new_zeros(backgrounds.shape[0], 1)
+    return zero_depth if render_mode in ("D", "ED") else torch.cat([backgrounds, zero_depth], dim=-1)
+
+
+def expected_depth(render_colors: Tensor, render_alphas: Tensor, render_mode: RenderMode) -> Tensor:
+    """"ED" modes: the last channel (alpha-weighted depth) divided by alpha; other modes unchanged.
+    render_colors [C, H, W, D'], render_alphas [C, H, W, 1]."""
+    if render_mode not in ("ED", "RGB+ED"):
+        return render_colors
+    return torch.cat([render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1)
+
+
 def rasterization(
     means: Tensor,  # [N, 3]
     quats: Tensor,  # [N, 4], need not be normalised
@@ -68,12 +84,9 @@ def rasterization(
 
     if render_mode in ("RGB+D", "RGB+ED"):
         colors = torch.cat((colors, depths[..., None]), dim=-1)
-        if backgrounds is not None:
-            backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, 1)], dim=-1)
     elif render_mode in ("D", "ED"):
         colors = depths[..., None]
-        if backgrounds is not None:
-            backgrounds = backgrounds.new_zeros(C, 1)
+    backgrounds = backgrounds_for(backgrounds, render_mode)
 
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     tiles_per_gauss, isect_ids, flatten_ids = kernels.isect_tiles(
@@ -84,10 +97,7 @@ def rasterization(
         means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids,
         backgrounds=backgrounds, absgrad=absgrad,
     )
-    if render_mode in ("ED", "RGB+ED"):
-        render_colors = torch.cat(
-            [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1
-        )
+    render_colors = expected_depth(render_colors, render_alphas, render_mode)
     info = {
         "camera_ids": None,
         "gaussian_ids": None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -45,13 +45,20 @@ class Layout:
         return Layout(bounds, self.members)
 
 
+def even_bounds(total: int, parts: int) -> List[int]:
+    """[0, ..., total]: `total` items dealt into `parts` contiguous ranges, the first ones taking one
+    more when they do not divide evenly. The one static split of rows, tiles and image bands."""
+    base, extra = divmod(total, parts)
+    bounds = [0]
+    for d in range(parts):
+        bounds.append(bounds[-1] + base + (1 if d < extra else 0))
+    return bounds
+
+
 @functools.lru_cache(maxsize=4096)
 def even_layout(rows: int, members: Members) -> Layout:
     """The shared even layout of `rows` rows: groups of `members.align` rows dealt out evenly in
     contiguous chunks, the first members taking one more group when they do not divide evenly."""
-    n = len(members)
     groups = -(-rows // members.align)
-    bounds = [0]
-    for d in range(n):
-        bounds.append(min(rows, bounds[-1] + (groups // n + (1 if d < groups % n else 0)) * members.align))
-    return Layout(tuple(bounds), members)
+    bounds = tuple(min(rows, g * members.align) for g in even_bounds(groups, len(members)))
+    return Layout(bounds, members)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ms_splatfacto.backend.aggregate import exchange
+from ms_splatfacto.backend.aggregate.layout import even_bounds
 
 WIN_SIZE = 11
 WIN_SIGMA = 1.5
@@ -34,12 +35,7 @@ def band_rows(height: int, members: int, tile_size: int) -> List[int]:
     assert height >= 0 and members >= 1 and tile_size >= 1, (
         f"need height >= 0, members >= 1, tile_size >= 1, got {height}, {members}, {tile_size}"
     )
-    base, extra = divmod(-(-height // tile_size), members)
-    rows, tiles = [0], 0
-    for d in range(members):
-        tiles += base + (d < extra)
-        rows.append(min(tiles * tile_size, height))
-    return rows
+    return [min(tiles * tile_size, height) for tiles in even_bounds(-(-height // tile_size), members)]
 
 
 def gaussian_window(dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout
+from ms_splatfacto.backend.aggregate.rules import relayout
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
 
 MemberFn = Callable[..., Sequence[Tensor]]
@@ -26,9 +27,7 @@ def rows_for(grad: Optional[Tensor], layout: Layout, d: int) -> Optional[Tensor]
     if grad is None:
         return None
     if is_aggregate(grad):
-        if grad._layout != layout:
-            grad = wrap(layout, *exchange.assemble(list(enumerate(grad.chunks)), layout, False))
-        return grad.chunks[d]
+        return relayout(grad, layout).chunks[d]
     b = layout.bounds
     return grad[b[d] : b[d + 1]]
 

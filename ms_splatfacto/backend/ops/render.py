@@ -19,11 +19,9 @@ from torch import Tensor
 from ms_splatfacto.backend.aggregate import aggregate, is_aggregate
 from ms_splatfacto.backend.aggregate.members import members as members_of
 from ms_splatfacto.backend.kernels import get_kernels, kernels_for
+from ms_splatfacto.backend.rendering import RenderMode, backgrounds_for, expected_depth
 from ms_splatfacto.backend.ops.per_member import per_member
 from ms_splatfacto.backend.ops.tiles import plan_tiles, tile_rasterize
-
-RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
-
 
 def _on_aggregate(t: Tensor, spec) -> Tensor:
     return t if is_aggregate(t) else aggregate(t, spec)
@@ -97,15 +95,11 @@ def rasterization(
     means2d, conics, feats, opac, depths, radii = per_member(
         project_member, (means, quats, scales, opacities, colors), (viewmats, Ks)
     )
-    if backgrounds is not None and with_depth:
-        backgrounds = backgrounds.new_zeros(C, 1) if depth_only else torch.cat([backgrounds, backgrounds.new_zeros(C, 1)], -1)
-
     plan = plan_tiles(kernel_set, means2d, radii, depths, width, height, tile_size)
-    render_colors, render_alphas = tile_rasterize(plan, kernel_set, means2d, conics, feats, opac, backgrounds, absgrad)
-    if render_mode in ("ED", "RGB+ED"):
-        render_colors = torch.cat(
-            [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1
-        )
+    render_colors, render_alphas = tile_rasterize(
+        plan, kernel_set, means2d, conics, feats, opac, backgrounds_for(backgrounds, render_mode), absgrad
+    )
+    render_colors = expected_depth(render_colors, render_alphas, render_mode)
     info = {
         "gaussian_major": True,
         "radii": radii,

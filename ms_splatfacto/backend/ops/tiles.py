@@ -24,17 +24,8 @@ import torch
 from torch import Tensor
 
 from ms_splatfacto.backend.aggregate import exchange
-from ms_splatfacto.backend.aggregate.layout import Layout
+from ms_splatfacto.backend.aggregate.layout import Layout, even_bounds
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, wrap
-
-
-def even_bounds(total: int, parts: int) -> List[int]:
-    """[0, ..., total]: `total` items in `parts` contiguous ranges, the first ones one larger."""
-    base, extra = divmod(total, parts)
-    bounds = [0]
-    for d in range(parts):
-        bounds.append(bounds[-1] + base + (1 if d < extra else 0))
-    return bounds
 
 
 @dataclass
@@ -140,7 +131,7 @@ def plan_tiles(
                 sel = dest == r
                 exchange.record(s, r, count * (ids.element_size() + 4))
                 routed[r].append((exchange.to_member(ids[sel], r, layout), exchange.to_member(record[sel], r, layout)))
-    pixel_owner = _pixel_owners(tile_bounds, C, width, height, tile_size, layout.members.device)
+    pixel_owner = _pixel_owners(edges, C, width, height, tile_size, tile_width, tile_height)
     work = [
         _member_tiles(kernels, r, routed[r], tile_bounds, layout, C, tile_width, tile_height, tile_bits, pixel_owner)
         for r in range(n_members)
@@ -151,13 +142,14 @@ def plan_tiles(
     )
 
 
-def _pixel_owners(tile_bounds: List[int], C: int, width: int, height: int, tile_size: int, device) -> Tensor:
-    """[C, H, W] member rendering each pixel."""
-    tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
+def _pixel_owners(
+    edges: Tensor, C: int, width: int, height: int, tile_size: int, tile_width: int, tile_height: int
+) -> Tensor:
+    """[C, H, W] member rendering each pixel (`edges`: the members' first camera-major tiles but 0's)."""
+    device = edges.device
     ty = torch.arange(height, device=device) // tile_size
     tx = torch.arange(width, device=device) // tile_size
     tile = (torch.arange(C, device=device)[:, None, None] * tile_height + ty[None, :, None]) * tile_width + tx[None, None, :]
-    edges = torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=device)
     return torch.bucketize(tile, edges, right=True)
 
 
