@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "mem_location.cuh"
+
 namespace {
 
 std::mutex members_mutex;
@@ -30,30 +32,6 @@ std::string cuda_failure(const char* call, cudaError_t err) {
     cudaError_t err_ = (call);                                    \
     if (err_ != cudaSuccess) return cuda_failure(#call, err_);    \
   } while (0)
-
-// CUDA 13 replaced the int device of cudaMemAdvise/cudaMemPrefetchAsync by a cudaMemLocation
-// (as in managed_storage.cu).
-cudaError_t advise(const void* ptr, size_t bytes, cudaMemoryAdvise advice, int device) {
-#if CUDART_VERSION >= 13000
-  cudaMemLocation loc{};
-  loc.type = cudaMemLocationTypeDevice;
-  loc.id = device;
-  return cudaMemAdvise(ptr, bytes, advice, loc);
-#else
-  return cudaMemAdvise(ptr, bytes, advice, device);
-#endif
-}
-
-cudaError_t prefetch(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
-#if CUDART_VERSION >= 13000
-  cudaMemLocation loc{};
-  loc.type = cudaMemLocationTypeDevice;
-  loc.id = device;
-  return cudaMemPrefetchAsync(ptr, bytes, loc, 0, stream);
-#else
-  return cudaMemPrefetchAsync(ptr, bytes, device, stream);
-#endif
-}
 
 // The guard's decision: empty when `bytes` fit in `free_bytes`, else the refusal message. Asking for
 // more managed memory than a GPU has free can hang it, so the allocator refuses instead.
@@ -94,12 +72,12 @@ std::string place(void* ptr, size_t bytes, int device, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(members_mutex);
     gpus = member_gpus;
   }
-  MS_TRY(advise(ptr, bytes, cudaMemAdviseSetPreferredLocation, device));
-  MS_TRY(advise(ptr, bytes, cudaMemAdviseSetAccessedBy, device));
+  MS_TRY(ms_mem_advise(ptr, bytes, cudaMemAdviseSetPreferredLocation, device));
+  MS_TRY(ms_mem_advise(ptr, bytes, cudaMemAdviseSetAccessedBy, device));
   for (int gpu : gpus) {
-    if (gpu != device) MS_TRY(advise(ptr, bytes, cudaMemAdviseSetAccessedBy, gpu));
+    if (gpu != device) MS_TRY(ms_mem_advise(ptr, bytes, cudaMemAdviseSetAccessedBy, gpu));
   }
-  MS_TRY(prefetch(ptr, bytes, device, stream));
+  MS_TRY(ms_mem_prefetch(ptr, bytes, device, stream));
   return {};
 }
 

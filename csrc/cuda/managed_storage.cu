@@ -3,6 +3,7 @@
 // Operators live under torch.ops.ms_splatfacto_cuda. They are registered as catch-all kernels
 // because the allocator takes no tensor to dispatch on.
 #include "managed_storage.h"
+#include "mem_location.cuh"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,27 +27,12 @@ namespace {
                 cudaGetErrorName(err_), " (", cudaGetErrorString(err_), ")");                       \
   } while (0)
 
-// CUDA 13 replaced the int device of cudaMemAdvise/cudaMemPrefetchAsync by a cudaMemLocation.
 void advise(const void* ptr, size_t bytes, cudaMemoryAdvise advice, int device) {
-#if CUDART_VERSION >= 13000
-  cudaMemLocation loc{};
-  loc.type = cudaMemLocationTypeDevice;
-  loc.id = device;
-  MS_CUDA_CHECK(cudaMemAdvise(ptr, bytes, advice, loc));
-#else
-  MS_CUDA_CHECK(cudaMemAdvise(ptr, bytes, advice, device));
-#endif
+  MS_CUDA_CHECK(ms_mem_advise(ptr, bytes, advice, device));
 }
 
 void prefetch(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
-#if CUDART_VERSION >= 13000
-  cudaMemLocation loc{};
-  loc.type = cudaMemLocationTypeDevice;
-  loc.id = device;
-  MS_CUDA_CHECK(cudaMemPrefetchAsync(ptr, bytes, loc, 0, stream));
-#else
-  MS_CUDA_CHECK(cudaMemPrefetchAsync(ptr, bytes, device, stream));
-#endif
+  MS_CUDA_CHECK(ms_mem_prefetch(ptr, bytes, device, stream));
 }
 
 // Bytes of one row (the product of the trailing dimensions); a 1-D tensor has one element per row.

@@ -176,15 +176,16 @@ def accessed_by(base: torch.Tensor) -> list[int]:
 def build_managed_allocator(build_dir: Path | str | None = None) -> Path:
     """Compile `managed_allocator.cu` into a shared library with nvcc (no GPU, no torch headers needed).
 
-    Returns the library's path; cached under a name carrying the source's hash, so an edited source
-    is rebuilt. Raises KernelBuildError with nvcc's output when the build fails.
+    Returns the library's path; cached under a name carrying the hash of the source and the headers it
+    includes, so an edited one is rebuilt. Raises KernelBuildError with nvcc's output when the build fails.
     """
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise KernelBuildError("Building the managed allocator needs nvcc on PATH (the CUDA toolkit matching "
                                f"torch.version.cuda = {torch.version.cuda}); a GPU is not needed")
     build_dir = Path(build_dir) if build_dir is not None else CUDA_BUILD_DIR
-    digest = hashlib.sha256(ALLOCATOR_SOURCE.read_bytes()).hexdigest()[:16]
+    headers = sorted((CSRC / "cuda").glob("*.cuh"))  # its #includes, so an edited header rebuilds it too
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [ALLOCATOR_SOURCE, *headers])).hexdigest()[:16]
     library = build_dir / f"libms_managed_allocator_{digest}.so"
     if library.is_file():
         return library
