@@ -6,10 +6,11 @@
     fallback_counts(), exchange_counts()           # ops without a rule; bytes per (src, dst) member
 """
 
-from ms_splatfacto.backend.aggregate.exchange import exchange_counts, exchange_totals, reset_exchange
+from ms_splatfacto.backend.aggregate import rules  # noqa: F401  (registers the op rules)
+from ms_splatfacto.backend.aggregate.dispatch import fallback_counts, has_rule, register, reset_fallback_counts
+from ms_splatfacto.backend.aggregate.exchange import exchange_counts, exchange_totals, reset_exchange, wire_totals
 from ms_splatfacto.backend.aggregate.layout import Layout, even_layout
 from ms_splatfacto.backend.aggregate.members import Members, members
-from ms_splatfacto.backend.aggregate.rules import fallback_counts, has_rule, register, reset_fallback_counts
 from ms_splatfacto.backend.aggregate.storage import Storage, register_storage
 from ms_splatfacto.backend.aggregate.tensor import (
     AggregateTensor,
@@ -25,5 +26,5 @@ __all__ = [
     "AggregateTensor", "Layout", "Members", "Storage", "aggregate", "even_layout", "exchange_counts", "exchange_totals",
     "fallback_counts", "has_rule", "is_aggregate", "members", "parameter", "per_member_execution",
     "register", "register_storage", "reset_exchange", "reset_fallback_counts", "restripe_optimizer_state",
-    "to_plain",
+    "to_plain", "wire_totals",
 ]

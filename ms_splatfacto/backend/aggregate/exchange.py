@@ -1,19 +1,27 @@
-"""Every transfer between members goes through this module, which counts the bytes per
-(source member, destination member). On virtual members (cpu:N, cuda:0*4) nothing physically moves,
-but the counts are what would cross between GPUs: rows landing on another member's chunk count, rows
-staying on their member count nothing. A plain (ordinary) tensor counts as held by member 0, except
-0-dim tensors, which travel with the kernel launch like Python scalars."""
+"""Every transfer between members goes through this module: it is the only code that touches data for
+another member. Its primitives are collective (SPMD): every rank calls them with the parts of its own
+members, and gets what its own members receive.
+
+Two transports: between members of one process an in-process copy (`.to(device)` between GPUs,
+nothing at all on the CPU); between ranks torch.distributed (`transport.py`). Bytes are counted where
+they are sent, per (source member, destination member) and kind; a piece that stays on its member
+counts nothing. In one process the counts are those of the whole device; with ranks, each rank counts
+what its members send (sum them over ranks for the whole). Ordinary tensors are replicated: every rank
+holds the same value on its first member (its host), so reading one costs a copy only to the rank's
+other members.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ms_splatfacto.backend.aggregate import transport
 from ms_splatfacto.backend.aggregate.layout import Layout
-from ms_splatfacto.backend.aggregate.storage import chunks_of, storage_for
+from ms_splatfacto.backend.aggregate.storage import storage_for
 
 KINDS = ("remote_read", "reduce_scatter", "other")
 """What a transfer is for: the rasterizer reading projected Gaussians held by another member, the
@@ -21,6 +29,9 @@ backward pass handing gradient partials to their owners, and everything else (re
 intersection routing, image and loss assembly)."""
 
 _COUNTS: Dict[str, Dict[Tuple[int, int], int]] = {kind: defaultdict(int) for kind in KINDS}
+
+Chunks = List[Optional[torch.Tensor]]
+"""One entry per member: a local member's rows, None for members of other ranks."""
 
 
 def record(src: int, dst: int, nbytes: int, kind: str = "other") -> None:
@@ -30,7 +41,7 @@ def record(src: int, dst: int, nbytes: int, kind: str = "other") -> None:
 
 
 def exchange_counts(kind: Optional[str] = None) -> Dict[Tuple[int, int], int]:
-    """Bytes moved so far per (source member, destination member), of one kind or of all kinds."""
+    """Bytes sent so far per (source member, destination member), of one kind or of all kinds."""
     kinds = KINDS if kind is None else (kind,)
     total: Dict[Tuple[int, int], int] = defaultdict(int)
     for k in kinds:
@@ -40,13 +51,19 @@ def exchange_counts(kind: Optional[str] = None) -> Dict[Tuple[int, int], int]:
 
 
 def exchange_totals() -> Dict[str, int]:
-    """Bytes moved so far per kind (see KINDS)."""
+    """Bytes sent so far per kind (see KINDS)."""
     return {kind: sum(_COUNTS[kind].values()) for kind in KINDS}
+
+
+def wire_totals() -> Dict[str, int]:
+    """Bytes this rank handed to torch.distributed, per kind (and "meta" for sizes)."""
+    return transport.wire_totals()
 
 
 def reset_exchange() -> None:
     for counts in _COUNTS.values():
         counts.clear()
+    transport.reset_wire()
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -58,35 +75,198 @@ def row_bytes(t: torch.Tensor) -> int:
     return math.prod(t.shape[1:]) * t.element_size()
 
 
-def move(t: torch.Tensor, src: int, dst: int, layout: Layout) -> torch.Tensor:
-    """`t` (held by member `src`) on member `dst`'s device."""
-    if t.dim() > 0:
-        record(src, dst, nbytes(t))
-    return t.to(layout.members.devices[dst], non_blocking=True)
+# ---------------------------------------------------------------------------------------------------
+# the one collective: every member sends every member a piece of rows
 
 
-def account_pieces(pieces: Sequence[Tuple[int, int]], layout: Layout, bytes_per_row: int) -> None:
-    """Count rows arriving in `layout` from `pieces` = [(source member, row count)] in global order."""
+def all_to_all(
+    members,
+    send: Mapping[int, Sequence[torch.Tensor]],  # local s -> [n] pieces [rows_sr, *trailing], one dtype
+    kind: str = "other",
+    rows: Optional[Sequence[Sequence[int]]] = None,  # [n, n] row counts; rows[s][r] read for local r only
+) -> Dict[int, List[torch.Tensor]]:
+    """Member s's piece `send[s][r]` delivered to member r: returns, for each local r, the [n] pieces it
+    received in source order. Where the receivers do not know their `rows`, they are exchanged first."""
+    n = len(members)
+    ref = next(p for s in members.local for p in send[s])
+    trailing, dtype = tuple(ref.shape[1:]), ref.dtype
+    recv: Dict[int, List[Optional[torch.Tensor]]] = {r: [None] * n for r in members.local}
+    for s in members.local:
+        pieces = send[s]
+        assert len(pieces) == n and all(tuple(p.shape[1:]) == trailing and p.dtype == dtype for p in pieces), (
+            f"member {s}'s pieces must be {n} tensors [rows, {list(trailing)}] of {dtype}"
+        )
+        for r in members.local:
+            recv[r][s] = pieces[r].to(members.devices[r], non_blocking=True)
+            record(s, r, nbytes(pieces[r]), kind)
+    if members.world_size > 1:
+        if rows is None:
+            rows = transport.exchange_rows(members, send, {s: [p.shape[0] for p in send[s]] for s in members.local})
+        transport.all_to_all(members, send, rows, recv, trailing, dtype, kind, record)
+    return recv  # type: ignore[return-value]
+
+
+def _empty(like: Tuple[Sequence[int], torch.dtype], device: torch.device, rows: int = 0) -> torch.Tensor:
+    trailing, dtype = like
+    return torch.empty((rows, *trailing), dtype=dtype, device=device)
+
+
+def replicate(
+    members,
+    parts: Mapping[int, torch.Tensor],  # local d -> [rows_d, ...] (0-dim: one value)
+    kind: str = "other",
+    rows_per_member: Optional[Sequence[int]] = None,
+) -> List[torch.Tensor]:
+    """Every member's part, in member order, on this rank's host device: what each rank needs to
+    combine per-member partials the same way (and in the same order) as every other rank.
+    `rows_per_member`: the parts' row counts where every rank knows them (else exchanged)."""
+    scalar = all(parts[d].dim() == 0 for d in members.local)
+    local = {d: parts[d].reshape(1) if scalar else parts[d] for d in members.local}
+    hosts = set(members.hosts)
+    n = len(members)
+    send = {s: [p if r in hosts else p[:0] for r in range(n)] for s, p in local.items()}
+    rows = None
+    if rows_per_member is not None:
+        rows = [[rows_per_member[s] if r in hosts else 0 for r in range(n)] for s in range(n)]
+    got = all_to_all(members, send, kind, rows)[members.host]
+    return [g.to(members.device).reshape(()) if scalar else g.to(members.device) for g in got]
+
+
+def restripe(
+    sources: Sequence[Tuple[int, int]],  # [(member, rows)] in global order, the same on every rank
+    tensors: Mapping[int, torch.Tensor],  # source index -> its rows, for the sources of local members
+    layout: Layout,
+    like: Tuple[Sequence[int], torch.dtype],  # (row shape, dtype) of the rows
+    kind: str = "other",
+    fuse: bool = False,
+) -> Tuple[Optional[torch.Tensor], Chunks]:
+    """The rows of `sources`, in order, laid out as `layout`: returns (whole, chunks) of fresh storage.
+    With `fuse` (one rank, one device) the copy is one `torch.cat`."""
+    m, n = layout.members, len(layout.members)
+    starts = [0]
+    for _, count in sources:
+        starts.append(starts[-1] + count)
+    assert starts[-1] == layout.rows, f"sources hold {starts[-1]} rows, the layout {layout.rows}"
+    bounds = layout.bounds
+
+    def overlap(i: int, r: int) -> Tuple[int, int]:
+        return max(starts[i], bounds[r]), min(starts[i + 1], bounds[r + 1])
+
+    rows = [[0] * n for _ in range(n)]
+    for i, (s, _) in enumerate(sources):
+        for r in range(n):
+            lo, hi = overlap(i, r)
+            rows[s][r] += max(0, hi - lo)
+    whole, chunks = storage_for(layout).empty(layout, like[0], like[1])
+    if fuse and whole is not None and m.world_size == 1:
+        restripe_counts(sources, layout, math.prod(like[0]) * like[1].itemsize)
+        if sources:
+            torch.cat([tensors[i] for i in range(len(sources))], out=whole)
+        return whole, chunks
+    send: Dict[int, List[torch.Tensor]] = {}
+    for s in m.local:
+        mine = [i for i, (src, _) in enumerate(sources) if src == s]
+        send[s] = []
+        for r in range(n):
+            slices = [tensors[i][max(0, overlap(i, r)[0] - starts[i]) : max(0, overlap(i, r)[1] - starts[i])] for i in mine]
+            slices = [t for t in slices if t.shape[0]]
+            send[s].append(torch.cat(slices) if len(slices) > 1 else slices[0] if slices else _empty(like, m.devices[s]))
+    recv = all_to_all(m, send, kind, rows)
+    for r in m.local:
+        taken = [0] * n
+        for i, (s, _) in enumerate(sources):
+            lo, hi = overlap(i, r)
+            if hi > lo:
+                piece = recv[r][s][taken[s] : taken[s] + hi - lo]
+                chunks[r][lo - bounds[r] : hi - bounds[r]].copy_(piece, non_blocking=True)
+                taken[s] += hi - lo
+    return whole, chunks
+
+
+def restripe_counts(sources: Sequence[Tuple[int, int]], layout: Layout, bytes_per_row: int) -> None:
+    """Count a re-stripe of `sources` ([(member, rows)] in global order) into `layout` done without
+    moving anything (one rank, one device)."""
     start = 0
-    for src, n in pieces:
-        for d in range(len(layout.members)):
-            overlap = min(start + n, layout.bounds[d + 1]) - max(start, layout.bounds[d])
+    for s, count in sources:
+        for r in range(len(layout.members)):
+            overlap = min(start + count, layout.bounds[r + 1]) - max(start, layout.bounds[r])
             if overlap > 0:
-                record(src, d, overlap * bytes_per_row)
-        start += n
+                record(s, r, overlap * bytes_per_row)
+        start += count
 
 
-def gather(chunks: Sequence[torch.Tensor], layout: Layout, whole: Optional[torch.Tensor]) -> torch.Tensor:
-    """All rows as one plain tensor on member 0's device (`whole` itself where there is one)."""
-    account_pieces([(d, n) for d, n in enumerate(layout.counts)], even_to_first(layout), row_bytes(chunks[0]))
-    if whole is not None:
-        return whole
-    return torch.cat([c.to(layout.members.device, non_blocking=True) for c in chunks])
+def all_rows(chunks: Chunks, layout: Layout, like: Tuple[Sequence[int], torch.dtype], kind: str = "other") -> torch.Tensor:
+    """Every row in global order as one ordinary tensor on each rank's host (an all-gather)."""
+    m = layout.members
+    got = replicate(m, {d: chunks[d] for d in m.local}, kind) if m.world_size > 1 or len(m) > 1 else [chunks[0]]
+    if not got:
+        return _empty(like, m.device)
+    return torch.cat([g.to(m.device) for g in got]) if len(got) > 1 else got[0]
 
 
-def even_to_first(layout: Layout) -> Layout:
-    """A layout putting every row on member 0: the destination of a gather."""
-    return Layout((0,) + (layout.rows,) * len(layout.members), layout.members)
+def member_counts(members, local: Mapping[int, int]) -> List[int]:
+    """Every member's integer (a row count), from each rank's own members' (sizes travel as "meta")."""
+    if members.world_size == 1:
+        return [int(local[d]) for d in range(len(members))]
+    return transport.gather_ints(members, local)
+
+
+def replicate_counts(layout: Layout, bytes_per_row: int) -> None:
+    """Count an all-gather of `layout`'s rows done without moving anything (one rank, one device)."""
+    for s, count in enumerate(layout.counts):
+        for host in layout.members.hosts:
+            record(s, host, count * bytes_per_row)
+
+
+def request_rows(
+    members,
+    requests: Mapping[int, torch.Tensor],  # local r -> [k_r] long: global rows it wants, of `layout`
+    layout: Layout,
+    chunks: Chunks,  # the rows' owners' chunks
+    kind: str = "other",
+) -> Dict[int, torch.Tensor]:
+    """Rows by global index, read from their owners: for each local r, `chunks` rows requests[r]
+    ([k_r, ...], in request order). Two exchanges: the indices to the owners, the rows back."""
+    n = len(members)
+    edges = list(layout.bounds)
+    order: Dict[int, torch.Tensor] = {}
+    ask: Dict[int, List[torch.Tensor]] = {}
+    for r in members.local:
+        idx = requests[r]
+        owner = layout.owners(idx)
+        sorted_owner, perm = torch.sort(owner, stable=True)
+        order[r] = perm
+        cuts = torch.searchsorted(sorted_owner, torch.arange(n + 1, device=idx.device)).tolist()
+        by_owner = idx[perm]
+        ask[r] = [by_owner[cuts[s] : cuts[s + 1]] - edges[s] for s in range(n)]
+    asked = all_to_all(members, ask, kind)
+    ref = next(c for c in chunks if c is not None)
+    reply = {s: [chunks[s].index_select(0, asked[s][r].to(chunks[s].device)) for r in range(n)] for s in members.local}
+    rows = [[0] * n for _ in range(n)]
+    for r in members.local:
+        for s in range(n):
+            rows[s][r] = ask[r][s].shape[0]
+    got = all_to_all(members, reply, kind, rows)
+    out = {}
+    for r in members.local:
+        received = torch.cat(got[r]) if n > 1 else got[r][0]
+        placed = torch.empty_like(received) if received.shape[0] else _empty((ref.shape[1:], ref.dtype), members.devices[r])
+        if received.shape[0]:
+            placed[order[r].to(placed.device)] = received
+        out[r] = placed
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# ordinary (replicated) operands read by members of this rank
+
+
+def to_member(x, d: int, layout: Layout):
+    """An ordinary operand on member d's device (counted by `account_plain`); non-tensors as they are."""
+    device = layout.members.devices[d]
+    if torch.is_tensor(x) and x.dim() > 0 and x.device != device:
+        return x.to(device, non_blocking=True)
+    return x
 
 
 def distinct_bytes(t: torch.Tensor) -> int:
@@ -95,91 +275,19 @@ def distinct_bytes(t: torch.Tensor) -> int:
 
 
 def account_plain(t: torch.Tensor, layout: Layout, rowed: bool) -> None:
-    """Count what the members read of a plain operand held by member 0: their rows of it when it
-    carries the rows (`rowed`), else all of it (0-dim tensors travel free, as launch arguments)."""
+    """Count what this rank's members read of an ordinary operand kept on the rank's host: their rows
+    of it when it carries the rows (`rowed`), else all of it (0-dim tensors travel free, as launch
+    arguments)."""
     if t.dim() == 0:
         return
-    if rowed and t.stride(0) != 0:
-        account_pieces([(0, layout.rows)], layout, row_bytes(t))
-        return
-    for d, n in enumerate(layout.counts):
+    m = layout.members
+    for d in m.local:
+        n = layout.counts[d]
         if n:
-            record(0, d, distinct_bytes(t))
+            record(m.host, d, n * row_bytes(t) if rowed and t.stride(0) != 0 else distinct_bytes(t))
 
 
-def rows_of(plain: torch.Tensor, layout: Layout) -> List[torch.Tensor]:
-    """Each member's rows of a plain rowed tensor, on its device (counted by `account_plain`)."""
-    b = layout.bounds
-    return [to_member(plain[b[d] : b[d + 1]], d, layout) for d in range(len(layout.members))]
-
-
-def to_member(x, d: int, layout: Layout):
-    """A plain operand on member d's device (counted by `account_plain`); non-tensors as they are."""
-    device = layout.members.devices[d]
-    if torch.is_tensor(x) and x.dim() > 0 and x.device != device:
-        return x.to(device, non_blocking=True)
-    return x
-
-
-def reduce_to_first(partials: Sequence[Tuple[int, torch.Tensor]], layout: Layout) -> List[torch.Tensor]:
-    """Per-member partial results [(member, tensor)] brought to member 0 for combining."""
-    return [move(p, d, 0, layout) for d, p in partials]
-
-
-def assemble(
-    pieces: Sequence[Tuple[int, torch.Tensor]], layout: Layout, fuse: bool
-) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
-    """The re-stripe: rows of `pieces` = [(source member, rows)] in global order, laid out as `layout`.
-
-    Returns (whole, chunks) of fresh storage. With `fuse` (one device, contiguous storage) the copy is
-    one `torch.cat`; otherwise each destination chunk receives its overlapping piece rows."""
-    ref = pieces[0][1]
-    account_pieces([(s, t.shape[0]) for s, t in pieces], layout, row_bytes(ref))
-    whole, chunks = storage_for(layout).empty(layout, ref.shape[1:], ref.dtype)
-    if fuse and whole is not None:
-        torch.cat([t for _, t in pieces], out=whole)
-        return whole, chunks
-    start = 0
-    for _, t in pieces:
-        for d, chunk in enumerate(chunks):
-            lo, hi = max(start, layout.bounds[d]), min(start + t.shape[0], layout.bounds[d + 1])
-            if hi > lo:
-                chunk[lo - layout.bounds[d] : hi - layout.bounds[d]].copy_(t[lo - start : hi - start], non_blocking=True)
-        start += t.shape[0]
-    return whole, chunks
-
-
-def take(
-    chunks: Sequence[torch.Tensor], layout: Layout, index: torch.Tensor, out_layout: Layout, fuse_whole: Optional[torch.Tensor]
-) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
-    """Rows `index` ([K] global row numbers, held by member 0, negative counted from the end) of a
-    tensor laid out as `layout`, re-striped as `out_layout` (K rows): destination member d reads the
-    rows of its share from their owners."""
-    index = torch.where(index < 0, index + layout.rows, index) if index.numel() else index
-    n = len(layout.members)
-    account_pieces([(0, index.shape[0])], out_layout, index.element_size())
-    dest = row_owners(out_layout, index.device)
-    pairs = torch.bincount(layout.owners(index) * n + dest, minlength=n * n).tolist()
-    per_row = row_bytes(chunks[0])
-    for p, count in enumerate(pairs):
-        record(p // n, p % n, count * per_row)
-    if fuse_whole is not None:
-        whole = fuse_whole.index_select(0, index)
-        return whole, chunks_of(whole, out_layout)
-    whole, out = storage_for(out_layout).empty(out_layout, chunks[0].shape[1:], chunks[0].dtype)
-    owners = layout.owners(index)
-    for d, chunk in enumerate(out):
-        lo, hi = out_layout.bounds[d], out_layout.bounds[d + 1]
-        idx, own = index[lo:hi], owners[lo:hi]
-        for s in range(n):
-            sel = torch.nonzero(own == s).squeeze(1)
-            if sel.numel():
-                rows = chunks[s].index_select(0, (idx[sel] - layout.bounds[s]).to(chunks[s].device))
-                chunk.index_copy_(0, sel.to(chunk.device), rows.to(chunk.device, non_blocking=True))
-    return whole, out
-
-
-def row_owners(layout: Layout, device: torch.device) -> torch.Tensor:
-    """The member owning each row of `layout` ([rows] member numbers)."""
-    counts = torch.tensor(layout.counts, device=device)
-    return torch.repeat_interleave(torch.arange(len(layout.members), device=device), counts, output_size=layout.rows)
+def rows_of(plain: torch.Tensor, layout: Layout) -> Chunks:
+    """Each local member's rows of an ordinary rowed tensor, on its device (counted by `account_plain`)."""
+    b, m = layout.bounds, layout.members
+    return [to_member(plain[b[d] : b[d + 1]], d, layout) if m.is_local(d) else None for d in range(len(m))]

@@ -32,6 +32,17 @@ class Layout:
     def is_even(self) -> bool:
         return self is even_layout(self.rows, self.members)
 
+    @functools.cached_property
+    def local_span(self) -> Tuple[int, int]:
+        """[first, stop) of the global rows this rank holds (its members are contiguous)."""
+        local = self.members.local
+        return self.bounds[local[0]], self.bounds[local[-1] + 1]
+
+    @property
+    def local_rows(self) -> int:
+        first, stop = self.local_span
+        return stop - first
+
     def owners(self, rows: torch.Tensor) -> torch.Tensor:
         """The member owning each row index in `rows` (any shape, indices within this layout)."""
         edges = torch.tensor(self.bounds[1:-1], dtype=rows.dtype, device=rows.device)

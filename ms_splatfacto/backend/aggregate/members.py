@@ -1,4 +1,8 @@
-"""The members of an aggregate device: parsed once from a spec, shared by every tensor on it."""
+"""The members of an aggregate device: parsed once from a spec, shared by every tensor on it.
+
+A run is SPMD: every process (rank) names its own local members (`cpu:2`, `cuda`, ...), and the
+aggregate device is every rank's members in rank order. Member d is held by rank `ranks[d]`; a rank
+holds the rows of its own members only. Without torch.distributed there is one rank holding all."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Tuple
 
 import torch
 
+from ms_splatfacto.backend.aggregate import world
 from ms_splatfacto.backend.devices import parse_devices
 
 STORAGE_MODES = ("managed", "plain")
@@ -19,15 +24,22 @@ managed allocator), or one ordinary allocation per member. Members on one device
 class Members:
     """The member devices of one aggregate device, in stripe order (member d owns chunk d).
 
-    Hashable and printed as its spec, so layouts can be cached per (rows, members). `align` is the row
-    granule of chunk boundaries: 1 on the CPU (no pages to align to), larger where storage has pages.
-    `storage` is one of STORAGE_MODES.
+    Hashable and printed as its spec, so layouts can be cached per (rows, members). `devices[d]` is
+    member d's device on the rank holding it (`ranks[d]`); this process is rank `rank`. `align` is the
+    row granule of chunk boundaries: 1 on the CPU (no pages to align to), larger where storage has
+    pages. `storage` is one of STORAGE_MODES.
     """
 
     spec: str
     devices: Tuple[torch.device, ...]
     align: int = 1
     storage: str = "managed"
+    ranks: Tuple[int, ...] = ()
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ranks:
+            object.__setattr__(self, "ranks", (0,) * len(self.devices))
 
     def __str__(self) -> str:
         return self.spec
@@ -35,42 +47,78 @@ class Members:
     def __len__(self) -> int:
         return len(self.devices)
 
+    @functools.cached_property
+    def local(self) -> Tuple[int, ...]:
+        """The members this process holds (contiguous: ranks hold their members in rank order)."""
+        return tuple(d for d, r in enumerate(self.ranks) if r == self.rank)
+
+    def is_local(self, d: int) -> bool:
+        return self.ranks[d] == self.rank
+
+    @functools.cached_property
+    def world_size(self) -> int:
+        return max(self.ranks) + 1
+
+    @functools.cached_property
+    def hosts(self) -> Tuple[int, ...]:
+        """Each rank's first member: where a rank keeps its ordinary (replicated) tensors."""
+        return tuple(self.ranks.index(r) for r in range(self.world_size))
+
+    @property
+    def host(self) -> int:
+        """This rank's first member."""
+        return self.hosts[self.rank]
+
     @property
     def device(self) -> torch.device:
-        """The device the aggregate tensor reports (member 0's), so `.to(it)` leaves tensors in place."""
-        return self.devices[0]
+        """The device the aggregate tensor reports (this rank's first member's), so `.to(it)` leaves
+        tensors in place; ordinary tensors of the model live there."""
+        return self.devices[self.host]
 
     @functools.cached_property
     def single_device(self) -> bool:
-        """All members are virtual members of one physical device (cpu:N, cuda:0*4): one launch can
-        cover every chunk of a contiguous storage."""
-        return all(d == self.devices[0] for d in self.devices)
+        """This rank's members are virtual members of one physical device (cpu:N, cuda:0*4): one
+        launch can cover every local chunk of a contiguous storage."""
+        return all(self.devices[d] == self.device for d in self.local)
 
     @property
     def managed(self) -> bool:
         """Whether rows live in managed memory: several distinct GPUs in the managed storage mode."""
-        return self.storage == "managed" and self.devices[0].type == "cuda" and not self.single_device
+        return self.storage == "managed" and self.device.type == "cuda" and not self.single_device
 
     def holds(self, device: torch.device) -> bool:
-        """Whether `device` is one of the members (a `.to(device)` onto it keeps the aggregate)."""
+        """Whether `device` is one of this rank's members (a `.to(device)` onto it keeps the aggregate)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        return device in self.devices
+        return any(self.devices[d] == device for d in self.local)
+
+
+def members(spec: str, storage: str = "managed") -> Members:
+    """The Members for `spec` (one object per spec, storage mode and process group); refuses bad specs
+    with DeviceSpecError. Under torch.distributed `spec` names this rank's members and every rank must
+    call this together (the ranks' member lists are exchanged). Several GPUs in the managed mode
+    install the managed allocator, which must happen before torch first uses CUDA."""
+    return _members(spec.strip().lower(), storage, world.identity())
 
 
 @functools.lru_cache(maxsize=None)
-def members(spec: str, storage: str = "managed") -> Members:
-    """The Members for `spec` (one object per spec and storage mode); refuses bad specs with
-    DeviceSpecError. Several GPUs in the managed mode install the managed allocator, which must happen
-    before torch first uses CUDA (else ManagedAllocatorError says so; the plain mode needs nothing)."""
+def _members(canonical: str, storage: str, identity: Tuple[int, int, int]) -> Members:
     if storage not in STORAGE_MODES:
         raise ValueError(f"Storage mode {storage!r} is not one of {', '.join(STORAGE_MODES)}")
-    devices = tuple(parse_devices(spec))
-    canonical = spec.strip().lower()
-    m = Members(canonical, devices, align=1, storage=storage)
+    local = tuple(parse_devices(canonical))
+    rank, size, _ = identity
+    if size == 1:
+        m = Members(canonical, local, align=1, storage=storage)
+    else:
+        per_rank = world.all_gather_object((canonical, [str(d) for d in local]))
+        devices = tuple(torch.device(name) for _, names in per_rank for name in names)
+        ranks = tuple(r for r, (_, names) in enumerate(per_rank) for _ in names)
+        specs = [s for s, _ in per_rank]
+        spec = f"{size} ranks x {canonical}" if len(set(specs)) == 1 else " + ".join(specs)
+        m = Members(spec, devices, align=1, storage=storage, ranks=ranks, rank=rank)
     if m.managed:
         from ms_splatfacto.backend.cuda_storage import install_managed_allocator
 
-        install_managed_allocator(m.devices)
+        install_managed_allocator(tuple(m.devices[d] for d in m.local))
     return m

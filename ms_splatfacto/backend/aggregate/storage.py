@@ -11,20 +11,27 @@ import torch
 from ms_splatfacto.backend.aggregate.layout import Layout
 
 
-def chunks_of(whole: torch.Tensor, layout: Layout) -> List[torch.Tensor]:
-    """Each member's rows of `whole` ([rows, ...]) as views; on several GPUs (managed `whole`) each view
-    is tagged with its member's device, so ops on it run there."""
-    b = layout.bounds
-    if layout.members.single_device:
-        return [whole.narrow(0, b[d], b[d + 1] - b[d]) for d in range(len(b) - 1)]
-    from ms_splatfacto.backend.cuda_storage import chunk_view
+def chunks_of(whole: torch.Tensor, layout: Layout) -> List[Optional[torch.Tensor]]:
+    """Each local member's rows of `whole` (this rank's rows, [local_rows, ...]) as views, None for the
+    members of other ranks; on several GPUs (managed `whole`) each view is tagged with its member's
+    device, so ops on it run there."""
+    b, m = layout.bounds, layout.members
+    first = layout.local_span[0]
+    out: List[Optional[torch.Tensor]] = [None] * len(m)
+    for d in m.local:
+        if m.single_device:
+            out[d] = whole.narrow(0, b[d] - first, b[d + 1] - b[d])
+        else:
+            from ms_splatfacto.backend.cuda_storage import chunk_view
 
-    return [chunk_view(whole, b[d], b[d + 1] - b[d], device) for d, device in enumerate(layout.members.devices)]
+            out[d] = chunk_view(whole, b[d] - first, b[d + 1] - b[d], m.devices[d])
+    return out
 
 
 class Storage:
-    """Allocates the rows of a new aggregate tensor: returns (whole, chunks), `whole` being one tensor
-    whose row ranges are the chunks where the storage has one (else None)."""
+    """Allocates this rank's rows of a new aggregate tensor: returns (whole, chunks), `whole` being one
+    tensor whose row ranges are the local chunks where the storage has one (else None); the chunks of
+    other ranks' members are None."""
 
     def empty(
         self, layout: Layout, row_shape: Sequence[int], dtype: torch.dtype
@@ -37,7 +44,7 @@ class ContiguousStorage(Storage):
     Used on the CPU and for virtual members of one GPU."""
 
     def empty(self, layout, row_shape, dtype):
-        whole = torch.empty((layout.rows, *row_shape), dtype=dtype, device=layout.members.device)
+        whole = torch.empty((layout.local_rows, *row_shape), dtype=dtype, device=layout.members.device)
         return whole, chunks_of(whole, layout)
 
 
@@ -45,8 +52,11 @@ class PerMemberStorage(Storage):
     """Plain mode: one ordinary allocation per member on its own device (no managed memory)."""
 
     def empty(self, layout, row_shape, dtype):
-        devices = layout.members.devices
-        return None, [torch.empty((n, *row_shape), dtype=dtype, device=devices[d]) for d, n in enumerate(layout.counts)]
+        m = layout.members
+        return None, [
+            torch.empty((n, *row_shape), dtype=dtype, device=m.devices[d]) if m.is_local(d) else None
+            for d, n in enumerate(layout.counts)
+        ]
 
 
 class ManagedStorage(Storage):
@@ -57,7 +67,10 @@ class ManagedStorage(Storage):
     def empty(self, layout, row_shape, dtype):
         from ms_splatfacto.backend.cuda_storage import managed_striped_empty
 
-        whole = managed_striped_empty([layout.rows, *row_shape], dtype, layout.members.devices, layout.bounds)
+        m = layout.members
+        first = layout.local_span[0]
+        local_bounds = [layout.bounds[d] - first for d in m.local] + [layout.local_rows]
+        whole = managed_striped_empty([layout.local_rows, *row_shape], dtype, tuple(m.devices[d] for d in m.local), local_bounds)
         return whole, chunks_of(whole, layout)
 
 

@@ -1,7 +1,8 @@
 """The aggregate tensor: an ordinary-looking `torch.Tensor` whose rows are striped over the members.
 
 Model and optimizer code keeps calling ordinary torch functions; `__torch_dispatch__` hands every aten
-op to the rule registry (`rules.py`), which runs it member by member. The tensor reports member 0's
+op to the dispatcher (`dispatch.py`, installed on import of the package), which runs it member by
+member. Under torch.distributed a tensor knows the global layout but holds only its rank's rows. The tensor reports member 0's
 device, so `module.to(that device)` leaves aggregate parameters in place; `.to()` onto a device that is
 not a member (e.g. `.cpu()` of a CUDA aggregate, for export) returns an ordinary tensor.
 """
@@ -9,22 +10,22 @@ not a member (e.g. `.cpu()` of a CUDA aggregate, for export) returns an ordinary
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, List, Optional, Sequence, Union
 
 import torch
 
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout, even_layout
 from ms_splatfacto.backend.aggregate.members import Members, members
-from ms_splatfacto.backend.aggregate.storage import chunks_of
+from ms_splatfacto.backend.aggregate.storage import chunks_of, storage_for
 
 _FUSE = [True]
 
 
 def fusing(layout: Layout) -> bool:
-    """Whether ops on `layout` may run as one launch over contiguous storage (all members on one
-    device) instead of one launch per member; tests switch it off to run the per-member path."""
-    return _FUSE[0] and layout.members.single_device
+    """Whether ops on `layout` may run as one launch over contiguous storage (one rank, all members on
+    one device) instead of one launch per member; tests switch it off to run the per-member path."""
+    return _FUSE[0] and layout.members.single_device and layout.members.world_size == 1
 
 
 @contextlib.contextmanager
@@ -40,16 +41,18 @@ def per_member_execution() -> Iterator[None]:
 class AggregateTensor(torch.Tensor):
     """Rows striped over members: member d holds rows [layout.bounds[d], layout.bounds[d+1]).
 
-    `_whole` is one tensor holding every row where the storage has one (CPU, virtual GPU members);
-    the per-member chunks are then row views of it, made on first use."""
+    `_whole` is one tensor holding this rank's rows where the storage has one (CPU, virtual GPU
+    members); the per-member chunks are then row views of it, made on first use. Chunks of members
+    of other ranks are None."""
 
     _layout: Layout
     _whole: Optional[torch.Tensor]
-    _chunk_list: Optional[List[torch.Tensor]]
+    _chunk_list: Optional[List[Optional[torch.Tensor]]]
+    _dispatcher: ClassVar[Callable[[Any, tuple, dict], Any]]
 
     @staticmethod
     def __new__(cls, layout: Layout, whole: Optional[torch.Tensor] = None, chunks: Optional[Sequence[torch.Tensor]] = None):
-        ref = whole if whole is not None else max(chunks, key=lambda c: c.shape[0])
+        ref = whole if whole is not None else max((c for c in chunks if c is not None), key=lambda c: c.shape[0])
         shape = (layout.rows, *ref.shape[1:])
         strides = ref.stride()
         t = torch.Tensor._make_wrapper_subclass(
@@ -64,11 +67,11 @@ class AggregateTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return rules.dispatch(func, args, kwargs or {})
+        return cls._dispatcher(func, args, kwargs or {})
 
     @property
-    def chunks(self) -> List[torch.Tensor]:
-        """Member d's rows ([count_d, ...] on member d's device)."""
+    def chunks(self) -> List[Optional[torch.Tensor]]:
+        """Member d's rows ([count_d, ...] on member d's device) for this rank's members, else None."""
         if self._chunk_list is None:
             self._chunk_list = chunks_of(self._whole, self._layout)
         return self._chunk_list
@@ -111,12 +114,19 @@ def wrap(layout: Layout, whole: Optional[torch.Tensor] = None, chunks: Optional[
 
 
 def aggregate(t: torch.Tensor, spec: Union[str, Members]) -> AggregateTensor:
-    """An aggregate copy of the plain tensor `t` ([rows, ...], held by member 0), rows striped evenly
-    over the members of `spec` ("cpu:4", "cuda", a Members)."""
+    """An aggregate copy of the ordinary tensor `t` ([rows, ...], the same on every rank), rows striped
+    evenly over the members of `spec` ("cpu:4", "cuda", a Members): each member copies its rows."""
     m = spec if isinstance(spec, Members) else members(spec)
     t = t.detach().to(m.device)
     layout = even_layout(t.shape[0], m)
-    whole, chunks = exchange.assemble([(0, t)], layout, fusing(layout))
+    exchange.account_plain(t, layout, rowed=True)
+    first, stop = layout.local_span
+    whole, chunks = storage_for(layout).empty(layout, t.shape[1:], t.dtype)
+    if whole is not None:
+        whole.copy_(t[first:stop])
+    else:
+        for d in m.local:
+            chunks[d].copy_(t[layout.bounds[d] : layout.bounds[d + 1]], non_blocking=True)
     return wrap(layout, whole, chunks)
 
 
@@ -126,12 +136,16 @@ def parameter(t: torch.Tensor, spec: Union[str, Members], requires_grad: bool = 
 
 
 def to_plain(t: torch.Tensor) -> torch.Tensor:
-    """An ordinary tensor with all rows of `t` in global order on member 0's device (a copy);
-    ordinary tensors are returned as they are."""
+    """An ordinary tensor with all rows of `t` in global order on this rank's first member's device (a
+    copy, the same on every rank: a collective under torch.distributed); ordinary tensors are
+    returned as they are."""
     if not is_aggregate(t):
         return t
-    plain = exchange.gather(t.chunks, t._layout, t._whole)
-    return plain.clone() if plain is t._whole else plain
+    layout = t._layout
+    if layout.members.world_size == 1 and t._whole is not None:
+        exchange.replicate_counts(layout, exchange.row_bytes(t))
+        return t._whole.clone()
+    return exchange.all_rows(t.chunks, layout, (t.shape[1:], t.dtype))
 
 
 def restripe_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -144,5 +158,3 @@ def restripe_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 if is_aggregate(p) and torch.is_tensor(value) and not is_aggregate(value) and value.shape == p.shape:
                     state[key] = aggregate(value, p.members)
 
-
-from ms_splatfacto.backend.aggregate import rules  # noqa: E402  (the rules need the class above)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout
-from ms_splatfacto.backend.aggregate.rules import relayout
+from ms_splatfacto.backend.aggregate.redistribute import relayout
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
 
 MemberFn = Callable[..., Sequence[Tensor]]
