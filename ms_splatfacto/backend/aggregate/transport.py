@@ -30,7 +30,10 @@ def _buffer_device(fallback: torch.device) -> torch.device:
 
 
 def _as_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).to(device)
+    flat = t.detach().reshape(-1)
+    if flat.stride(0) != 1:  # a lone element may keep any stride; viewing as bytes needs 1
+        flat = flat.clone(memory_format=torch.contiguous_format).as_strided((flat.numel(),), (1,))
+    return flat.view(torch.uint8).to(device)
 
 
 def exchange_rows(
