@@ -1,14 +1,21 @@
 """Checkpoints independent of the member count: rows in global order plus a record of the layout that
 wrote them, refused with one line naming what differs when they do not fit the model.
 
-A checkpoint is nerfstudio's dict (step, pipeline, optimizers, schedulers, scalers) with two entries
-added: "layout" (below) and "strategy", the densification statistics in global row order, so a
-resumed run refines like one that never stopped.
+A checkpoint is nerfstudio's dict (step, pipeline, optimizers, schedulers, scalers) with entries added:
+"layout" (below), "strategy" (the densification statistics), "rng" (python, numpy, torch and CUDA
+generator states) and "datamanager" (where the run is in its camera order), so a resumed run continues
+bit for bit like one that never stopped (nerfstudio saves neither of the last two).
+
+One process writes one file (`step-N.ckpt`, rows in global order). Several ranks write a folder of the
+same name with torch.distributed.checkpoint, each rank its own rows (`backend/aggregate/
+sharded_checkpoint.py`). `read_checkpoint` reads both, on any ranks x members.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -16,8 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ms_splatfacto.backend.aggregate import aggregate, is_aggregate, restripe_optimizer_state, to_plain
+from ms_splatfacto.backend.aggregate import Members, aggregate, is_aggregate, restripe_optimizer_state, to_plain, world
+from ms_splatfacto.backend.aggregate import sharded_checkpoint
 from ms_splatfacto.errors import InputError
+from ms_splatfacto.io import atomic_torch_save
 
 FORMAT = 1
 """Version of the checkpoint structure; a checkpoint of a newer format is refused."""
@@ -54,7 +63,63 @@ def checkpoint_state(step: int, pipeline, optimizers, grad_scaler) -> Dict[str, 
         "scalers": grad_scaler.state_dict(),
         "layout": layout_record(model),
         "strategy": {k: v for k, v in model.strategy_state.items() if v is None or isinstance(v, (Tensor, int, float))},
+        "rng": rng_state(),
+        "datamanager": datamanager_state(getattr(pipeline, "datamanager", None)),
     })
+
+
+def rng_state() -> Dict[str, Any]:
+    """The state of every random generator a training step draws from, as plain values and tensors
+    (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def datamanager_state(datamanager) -> Dict[str, Any]:
+    """Where nerfstudio's full-image datamanager is in its camera order: the cameras not yet drawn this
+    epoch and the generator that shuffles the next epoch (fps sampling: its epoch counts)."""
+    out: Dict[str, Any] = {}
+    for key in ("train_unseen_cameras", "eval_unseen_cameras"):
+        if isinstance(getattr(datamanager, key, None), list):
+            out[key] = [int(i) for i in getattr(datamanager, key)]
+    generator = getattr(datamanager, "random_generator", None)
+    if isinstance(generator, random.Random):
+        out["random_generator"] = generator.getstate()
+    counts = getattr(datamanager, "train_unsampled_epoch_count", None)
+    if isinstance(counts, np.ndarray):
+        out["train_unsampled_epoch_count"] = torch.from_numpy(counts.copy())
+    return out
+
+
+def set_datamanager_state(datamanager, state: Mapping[str, Any]) -> None:
+    """Put the datamanager back where `datamanager_state` found it; camera indices this dataset lacks
+    (a checkpoint of other data) leave its own order in place."""
+    sizes = {"train_unseen_cameras": len(getattr(datamanager, "train_dataset", None) or []),
+             "eval_unseen_cameras": len(getattr(datamanager, "eval_dataset", None) or [])}
+    for key, size in sizes.items():
+        if key in state and hasattr(datamanager, key) and all(0 <= i < size for i in state[key]):
+            setattr(datamanager, key, list(state[key]))
+    if "random_generator" in state:
+        generator = random.Random()
+        generator.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["random_generator"]))
+        datamanager.random_generator = generator
+    if "train_unsampled_epoch_count" in state:
+        datamanager.train_unsampled_epoch_count = state["train_unsampled_epoch_count"].numpy().copy()
 
 
 def plain_numbers(obj: Any) -> Any:
@@ -71,15 +136,51 @@ def plain_numbers(obj: Any) -> Any:
     return obj.item() if isinstance(obj, np.generic) else obj
 
 
-def read_checkpoint(path: Path) -> Dict[str, Any]:
+def write_checkpoint(state: Dict[str, Any], checkpoint_dir: Path, step: int) -> Path:
+    """Write `state` as `checkpoint_dir/step-<step>.ckpt`, atomically: the temporary lies beside the
+    checkpoint folder (nerfstudio's loaders never see it), so an interrupted save keeps the previous
+    checkpoint. One file in one process; under torch.distributed (every rank calls this) a sharded
+    folder, each rank writing its own rows."""
+    path = checkpoint_dir / f"step-{step:09d}.ckpt"
+    if world.active():
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        sharded_checkpoint.save(state, path, checkpoint_dir.parent / f".{path.name}.partial")
+    else:
+        atomic_torch_save(state, path, checkpoint_dir.parent)
+    return path
+
+
+def checkpoint_path(load_dir: Optional[Path], step: Optional[int]) -> Optional[Path]:
+    """The checkpoint of `step` in `load_dir`, or its latest (file or sharded folder); anything else in
+    the folder is ignored."""
+    if load_dir is None:
+        return None
+    if step is None:
+        names = (re.fullmatch(r"step-(\d+)\.ckpt", p.name) for p in Path(load_dir).glob("step-*.ckpt"))
+        steps = sorted(int(m.group(1)) for m in names if m)
+        if not steps:
+            raise InputError(f"No checkpoint (step-*.ckpt) in {load_dir}.")
+        step = steps[-1]
+    return Path(load_dir) / f"step-{step:09d}.ckpt"
+
+
+def read_checkpoint(path: Path, members: Optional[Members] = None) -> Dict[str, Any]:
     """The checkpoint at `path`, loaded safely (weights only) on the CPU; refuses a missing, truncated or
-    corrupt file, one that is not a nerfstudio checkpoint, and one written by another method or format."""
-    if not path.is_file():
+    corrupt checkpoint, one that is not a nerfstudio checkpoint, and one written by another method or
+    format. A sharded one comes back with ordinary tensors in one process, and under torch.distributed
+    (every rank calls this) with its per-Gaussian rows striped over `members`, each rank reading its own."""
+    if sharded_checkpoint.is_sharded(path):
+        try:
+            loaded = sharded_checkpoint.load(path, members)
+        except sharded_checkpoint.CheckpointError as err:
+            raise InputError(f"Cannot read checkpoint {path}: {err}.") from None
+    elif not path.is_file():
         raise InputError(f"Checkpoint {path} does not exist.")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt or not a torch file: torch names the damage
-        raise InputError(f"Cannot read checkpoint {path} ({str(err).splitlines()[0]}); it may be truncated.") from None
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, corrupt or not a torch file: torch names the damage
+            raise InputError(f"Cannot read checkpoint {path} ({str(err).splitlines()[0]}); it may be truncated.") from None
     missing = [key for key in REQUIRED if not isinstance(loaded, dict) or key not in loaded]
     if missing:
         raise InputError(f"{path} is not a nerfstudio checkpoint: it lacks {', '.join(missing)}.")
@@ -121,13 +222,17 @@ def sh_degree_of(rest_coefficients: int) -> str:
 def restore(loaded: Dict[str, Any], pipeline, optimizers, grad_scaler, load_schedulers: bool = True) -> None:
     """Load a checkpoint read by `read_checkpoint` into a set-up trainer's pipeline, optimizers (nerfstudio's
     Optimizers) and grad scaler, on this model's members whatever member count wrote it: parameters and
-    Adam moments are re-striped, and the optimizers re-pointed at the loaded parameters."""
+    Adam moments are re-striped, and the optimizers re-pointed at the loaded parameters. The random
+    generators and the datamanager's camera order continue where the checkpoint left them."""
     model = pipeline.model
     layout = loaded.get("layout")
     rows = gaussian_rows(loaded["pipeline"])
     if layout is not None and rows is not None and layout["num_gaussians"] != rows:
         raise InputError(f"The checkpoint is inconsistent: its layout records {layout['num_gaussians']} Gaussians, its parameters hold {rows}.")
-    pipeline.load_pipeline(loaded["pipeline"], loaded["step"])  # the model refuses Gaussians that do not fit
+    if any(is_aggregate(v) for v in loaded["pipeline"].values()):
+        load_striped_pipeline(pipeline, loaded["pipeline"], loaded["step"])
+    else:
+        pipeline.load_pipeline(loaded["pipeline"], loaded["step"])  # the model refuses Gaussians that do not fit
     unknown = sorted(set(loaded["optimizers"]) - set(optimizers.optimizers))
     lacking = sorted(set(model.gauss_params.keys()) - set(loaded["optimizers"]))
     if unknown or lacking:
@@ -151,6 +256,31 @@ def restore(loaded: Dict[str, Any], pipeline, optimizers, grad_scaler, load_sche
                     raise InputError(f"The checkpoint's {name} optimizer {key} has shape {list(value.shape)}, its parameter {list(p.shape)}.")
     if "strategy" in loaded:
         model.strategy_state.update(restripe_rows(loaded["strategy"], model))
+    if loaded.get("datamanager") and getattr(pipeline, "datamanager", None) is not None:
+        set_datamanager_state(pipeline.datamanager, loaded["datamanager"])
+    if "rng" in loaded:
+        set_rng_state(loaded["rng"])
+
+
+GAUSS = "_model.gauss_params."
+
+
+def load_striped_pipeline(pipeline, state: Mapping[str, Any], step: int) -> None:
+    """nerfstudio's `load_pipeline` for a state whose Gaussians are already striped over this model's
+    members (a sharded checkpoint read on several ranks): they become the parameters as they are, and
+    only the rest goes through torch's loading, so no rank ever holds all rows."""
+    model = pipeline.model
+    gauss = {k[len(GAUSS):]: v for k, v in state.items() if k.startswith(GAUSS)}
+    check_gaussians(gauss, {name: p.shape for name, p in model.gauss_params.items()}, model.config.sh_degree)
+    model.update_to_step(step)
+    for name in list(model.gauss_params.keys()):
+        model.gauss_params[name] = torch.nn.Parameter(gauss[name], requires_grad=True)
+    rest = {k[len("_model."):]: v for k, v in state.items() if k.startswith("_model.") and not k.startswith(GAUSS)}
+    result = torch.nn.Module.load_state_dict(model, rest, strict=False)
+    unexpected = sorted(result.unexpected_keys)
+    if unexpected:
+        raise InputError(f"The checkpoint holds model state this model lacks: {', '.join(unexpected[:3])}.")
+    torch.nn.Module.load_state_dict(pipeline, {k: v for k, v in state.items() if not k.startswith("_model.")}, strict=False)
 
 
 def gaussian_rows(pipeline_state: Mapping[str, Tensor]) -> Optional[int]:
@@ -164,8 +294,8 @@ def restripe_rows(state: Dict[str, Any], model) -> Dict[str, Any]:
     """`state` (densification statistics) with its per-Gaussian tensors striped like the model's rows."""
     n, out = model.num_points, {}
     for key, value in state.items():
-        per_row = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n
-        out[key] = aggregate(to_plain(value), model.members) if per_row else value
+        per_row = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n and not is_aggregate(value)
+        out[key] = aggregate(value, model.members) if per_row else value
     return out
 
 
@@ -194,3 +324,28 @@ def first_nonfinite(named: Iterable[Tuple[str, Optional[Tensor]]]) -> Optional[s
         if t is not None and not bool(torch.isfinite(t).all()):
             return name
     return None
+
+
+def install_eval_loader() -> None:
+    """Let nerfstudio's `eval_setup` (ns-viewer, ns-eval, ns-export, ns-render) read sharded checkpoints.
+
+    Its `eval_load_checkpoint` opens `step-N.ckpt` with torch.load, which cannot open a sharded folder;
+    this wraps it (once) so a folder is read here, in global row order, and a file as before."""
+    from nerfstudio.utils import eval_utils
+    from nerfstudio.utils.rich_utils import CONSOLE
+
+    original = eval_utils.eval_load_checkpoint
+    if getattr(original, "reads_sharded", False):
+        return
+
+    def eval_load_checkpoint(config, pipeline):
+        path = checkpoint_path(config.load_dir, config.load_step) if Path(config.load_dir).is_dir() else None
+        if path is None or not sharded_checkpoint.is_sharded(path):
+            return original(config, pipeline)
+        loaded = read_checkpoint(path)
+        pipeline.load_pipeline(loaded["pipeline"], loaded["step"])
+        CONSOLE.print(f":white_check_mark: Done loading checkpoint from {path}")
+        return path, loaded["step"]
+
+    eval_load_checkpoint.reads_sharded = True  # type: ignore[attr-defined]
+    eval_utils.eval_load_checkpoint = eval_load_checkpoint

@@ -1,11 +1,16 @@
 """Trainer for ms-splatfacto: nerfstudio's, with the device taken from the model's device spec,
-checkpoints that load on any member count (written atomically, refused when they do not fit), and
-steps with non-finite values skipped."""
+checkpoints that load on any ranks x members (written atomically, refused when they do not fit), and
+steps with non-finite values skipped.
+
+Under torchrun every rank runs this same trainer (SPMD; see `launch.py`): nerfstudio sees one process
+(no DDP wrap: the parameters are already striped), rank 0 alone prints, writes the config, events and
+checkpoint metadata, and the ranks refuse to start when they disagree on data, members or code.
+"""
 
 from __future__ import annotations
 
 import functools
-import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Tuple, Type
@@ -14,11 +19,22 @@ import torch
 from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from ms_splatfacto import launch
 from ms_splatfacto.backend import DeviceSpecError, parse_devices
-from ms_splatfacto.checkpoints import checkpoint_state, first_nonfinite, read_checkpoint, restore
+from ms_splatfacto.backend.aggregate import world
+from ms_splatfacto.checkpoints import (
+    checkpoint_path,
+    checkpoint_state,
+    first_nonfinite,
+    install_eval_loader,
+    read_checkpoint,
+    restore,
+    write_checkpoint,
+)
 from ms_splatfacto.data_checks import check_images_readable, preflight
 from ms_splatfacto.errors import InputError, TrainingStopped
-from ms_splatfacto.io import atomic_torch_save
+
+install_eval_loader()  # ns-viewer / ns-eval / ns-export load this trainer's config, so they read sharded checkpoints
 
 
 @dataclass
@@ -28,6 +44,25 @@ class MsTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: MsTrainer)
     max_nonfinite_steps: int = 10
     """Consecutive training steps with a non-finite loss or gradient (each one skipped: no optimizer step, no densification statistics) after which training stops, naming the value that went bad first."""
+    collective_timeout_s: float = 180.0
+    """Under torchrun: seconds a rank waits for the others in a collective. A rank that died or hangs makes the others stop within it, with one line naming it; the last complete checkpoint stays loadable."""
+
+    def set_timestamp(self) -> None:
+        """nerfstudio's first call after parsing: under torchrun, join the ranks here, so that every rank
+        uses rank 0's timestamp (one output folder) and only rank 0 prints and saves the config."""
+        if launch.join(self.collective_timeout_s):
+            launch.adapt_config(self)
+        super().set_timestamp()
+        if world.active():
+            self.timestamp = world.all_gather_object(self.timestamp)[0]
+
+    def print_to_terminal(self) -> None:
+        if world.rank() == 0:
+            super().print_to_terminal()
+
+    def save_config(self) -> None:
+        if world.rank() == 0:
+            super().save_config()
 
 
 class MsTrainer(Trainer):
@@ -41,6 +76,13 @@ class MsTrainer(Trainer):
             raise InputError(str(err)) from None
         device = members[0]  # the aggregate device reports its first member's device
         config.machine.device_type = device.type  # nerfstudio reads it for autocast and AMP decisions
+        if launch.join(config.collective_timeout_s):
+            launch.adapt_config(config)
+            with launch.collective_failures(None):
+                launch.agree(launch.start_identity(config, members))
+            # nerfstudio's `local_rank == 0` decides who serves the viewer: rank 0 of the whole run. One
+            # process as far as nerfstudio knows (world_size 1): no DDP wrap of striped parameters.
+            local_rank, world_size = world.rank(), 1
         super().__init__(config, local_rank, world_size)
         self.device = str(device)
         self.nonfinite_steps = 0
@@ -51,21 +93,31 @@ class MsTrainer(Trainer):
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         datamanager = self.config.pipeline.datamanager
         preflight(datamanager.dataparser, datamanager.data)
-        try:
-            super().setup(test_mode)
-        except OSError as err:  # unreadable or vanished files, named by the error itself
-            raise InputError(f"Cannot read the dataset: {err}") from None
-        for dataset in (self.pipeline.datamanager.train_dataset, self.pipeline.datamanager.eval_dataset):
-            check_images_readable(dataset.image_filenames)
+        with self._collective_failures():
+            try:
+                super().setup(test_mode)
+            except OSError as err:  # unreadable or vanished files, named by the error itself
+                raise InputError(f"Cannot read the dataset: {err}") from None
+            for dataset in (self.pipeline.datamanager.train_dataset, self.pipeline.datamanager.eval_dataset):
+                check_images_readable(dataset.image_filenames)
+            if world.active():
+                launch.agree(launch.data_identity(self.pipeline.datamanager))
+
+    def train(self) -> None:
+        with self._collective_failures():
+            super().train()
+
+    def _collective_failures(self):
+        return launch.collective_failures(self.checkpoint_dir)
 
     def _load_checkpoint(self) -> None:
-        """nerfstudio's `--load-dir` / `--load-step` / `--load-checkpoint`, on any member count, refusing a
-        checkpoint that does not fit the model with one line saying what differs."""
+        """nerfstudio's `--load-dir` / `--load-step` / `--load-checkpoint`, on any ranks x members, refusing
+        a checkpoint that does not fit the model with one line saying what differs."""
         path = self._checkpoint_to_load()
         if path is None:
             CONSOLE.print("No Nerfstudio checkpoint to load, so training from scratch.")
             return
-        loaded = read_checkpoint(path)
+        loaded = read_checkpoint(path, self._unwrapped_pipeline().model.members)
         restore(loaded, self._unwrapped_pipeline(), self.optimizers, self.grad_scaler, self.config.load_scheduler)
         self._start_step = loaded["step"] + 1
         layout = loaded.get("layout") or {}
@@ -75,35 +127,27 @@ class MsTrainer(Trainer):
     def _checkpoint_to_load(self) -> Optional[Path]:
         """The checkpoint `--load-dir` (latest, or `--load-step`) or `--load-checkpoint` names. Unlike
         nerfstudio's, other files in the folder (a temporary left by a killed save) are ignored."""
-        load_dir, step = self.config.load_dir, self.config.load_step
-        if load_dir is None:
+        if self.config.load_dir is None:
             return self.config.load_checkpoint
-        if step is None:
-            names = (re.fullmatch(r"step-(\d+)\.ckpt", p.name) for p in Path(load_dir).glob("step-*.ckpt"))
-            steps = sorted(int(m.group(1)) for m in names if m)
-            if not steps:
-                raise InputError(f"No checkpoint (step-*.ckpt) in {load_dir}.")
-            step = steps[-1]
-        return Path(load_dir) / f"step-{step:09d}.ckpt"
+        return checkpoint_path(self.config.load_dir, self.config.load_step)
 
     def _unwrapped_pipeline(self):
         return self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
 
     def save_checkpoint(self, step: int) -> None:
-        """As nerfstudio's, with the layout recorded, never from non-finite parameters, and written
-        atomically (the temporary beside the checkpoint folder, so nerfstudio's loaders never see it):
-        an interrupted save keeps the previous checkpoint."""
+        """As nerfstudio's, with the layout, random generators and camera order recorded, never from
+        non-finite parameters, and written atomically (see `write_checkpoint`; several ranks write one
+        sharded folder): an interrupted save keeps the previous checkpoint."""
         pipeline = self._unwrapped_pipeline()
         bad = first_nonfinite(pipeline.model.named_parameters())
         if bad is not None:
             CONSOLE.log(f"[yellow]Checkpoint of step {step} not written: {bad} holds non-finite values.[/yellow]")
             return
-        path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
-        atomic_torch_save(checkpoint_state(step, pipeline, self.optimizers, self.grad_scaler), path, self.checkpoint_dir.parent)
-        if self.config.save_only_latest_checkpoint:
+        path = write_checkpoint(checkpoint_state(step, pipeline, self.optimizers, self.grad_scaler), self.checkpoint_dir, step)
+        if self.config.save_only_latest_checkpoint and world.rank() == 0:
             for old in self.checkpoint_dir.glob("*.ckpt"):
                 if old != path:
-                    old.unlink()
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     def train_iteration(self, step: int) -> TRAIN_INTERATION_OUTPUT:
         """nerfstudio's iteration, except that a step whose loss or any gradient is not finite is skipped
