@@ -17,14 +17,14 @@ from ms_splatfacto.model import GAUSSIAN_PARAMS, MsSplatfactoModelConfig
 WIDTH, HEIGHT, STEPS = 64, 48, 5
 
 
-def make_model(spec: str):
+def make_model(spec: str, **overrides):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     points = torch.randn(600, 3, generator=g) * torch.tensor([1.5, 1.0, 0.5]) + torch.tensor([0.0, 0.0, -5.0])
     colors = torch.randint(0, 256, (600, 3), generator=g, dtype=torch.uint8)
     config = MsSplatfactoModelConfig(
         devices=spec, warmup_length=1, refine_every=2, densify_grad_thresh=2e-4, sh_degree_interval=2,
-        background_color="black",
+        background_color="black", **overrides,
     )
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1, seed_points=(points, colors))
     model.train()

@@ -24,6 +24,7 @@ from ms_splatfacto.backend.aggregate import (
     wire_totals,
 )
 from ms_splatfacto.backend.aggregate.exchange import KINDS
+from ms_splatfacto.backend.aggregate.members import CPU_ROW_ALIGN
 from tests.ranks import run_ranks
 from tests.test_aggregate_ops import REDUCTIONS, ROW_OPS, SELECTIONS, rows_of
 
@@ -42,13 +43,13 @@ EXTRA = {
 }
 
 
-def program(spec: str, n: int) -> Dict[str, object]:
+def program(spec: str, n: int, align=None) -> Dict[str, object]:
     """Every rule family on `n` rows over the members `spec` names (this rank's); ordinary results."""
     reset_fallback_counts()
     reset_exchange()
     out: Dict[str, object] = {}
     with per_member_execution():
-        m = members(spec)
+        m = members(spec, align=align)
         x0, y0 = rows_of(n, 1), rows_of(n, 2)
         for name, (fn, _, differentiable) in ROW_OPS.items():
             ax = aggregate(x0, m).requires_grad_(differentiable)
@@ -102,11 +103,11 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("world,local,n", [(2, "cpu", 9), (2, "cpu:2", 9), (3, "cpu", 7), (2, "cpu:2", 3)])
+@pytest.mark.parametrize("world,local,n", [(2, "cpu", 300), (2, "cpu:2", 520), (3, "cpu", 300), (2, "cpu:2", 3)])
 def test_ranks_give_the_bits_of_one_process(tmp_path: Path, world: int, local: str, n: int):
     per_rank = run_ranks(world, program, local, n, tmp=tmp_path)
     total = world * (int(local.split(":")[1]) if ":" in local else 1)
-    one = program(f"cpu:{total}", n)
+    one = program(f"cpu:{total}", n, CPU_ROW_ALIGN)  # laid out as the ranks are
     assert one["_fallbacks"] == {}
     for rank, got in enumerate(per_rank):
         assert got["_fallbacks"] == {}, rank
@@ -115,4 +116,4 @@ def test_ranks_give_the_bits_of_one_process(tmp_path: Path, world: int, local: s
                 assert _equal(got[name], value), f"rank {rank} of {world}: {name}"
         for kind in KINDS:  # what the exchange counted as crossing ranks is what went to torch.distributed
             assert got["_crossing"][kind] == got["_wire"].get(kind, 0), (rank, kind, got["_crossing"], got["_wire"])
-        assert got["_wire"].get("other", 0) > 0
+    assert any(got["_wire"].get("other", 0) > 0 for got in per_rank), "rows should have crossed ranks"

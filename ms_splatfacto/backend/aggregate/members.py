@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ms_splatfacto.backend.aggregate import world
 from ms_splatfacto.backend.devices import parse_devices
+
+CPU_ROW_ALIGN = 128
+"""Chunk boundaries of CPU members in separate processes fall on multiples of this many rows.
+PyTorch's vectorised CPU loops compute a loop's scalar tail (exp, sigmoid, ...) with other roundings
+than its vector body. CPU members of one process run row-local ops as one launch over all their rows,
+so they keep the whole tensor's vector steps; ranks cannot, and a chunk starting at a multiple of 128
+rows starts every dtype's vector loop (at most 2 x 64 B per step) where the whole tensor's loop would,
+so ranks compute every row with the same bits as one member does."""
 
 STORAGE_MODES = ("managed", "plain")
 """How rows live on several GPUs: one managed allocation per tensor (and managed op outputs through the
@@ -26,8 +34,7 @@ class Members:
 
     Hashable and printed as its spec, so layouts can be cached per (rows, members). `devices[d]` is
     member d's device on the rank holding it (`ranks[d]`); this process is rank `rank`. `align` is the
-    row granule of chunk boundaries: 1 on the CPU (no pages to align to), larger where storage has
-    pages. `storage` is one of STORAGE_MODES.
+    row granule of chunk boundaries (see `row_align`). `storage` is one of STORAGE_MODES.
     """
 
     spec: str
@@ -94,29 +101,36 @@ class Members:
         return any(self.devices[d] == device for d in self.local)
 
 
-def members(spec: str, storage: str = "managed") -> Members:
+def row_align(devices, world_size: int) -> int:
+    """The row granule of chunk boundaries: CPU_ROW_ALIGN for CPU members on several ranks, else 1
+    (one process fuses its CPU members' launches; GPU elementwise kernels have no scalar tail)."""
+    return CPU_ROW_ALIGN if world_size > 1 and all(torch.device(d).type == "cpu" for d in devices) else 1
+
+
+def members(spec: str, storage: str = "managed", align: Optional[int] = None) -> Members:
     """The Members for `spec` (one object per spec, storage mode and process group); refuses bad specs
     with DeviceSpecError. Under torch.distributed `spec` names this rank's members and every rank must
     call this together (the ranks' member lists are exchanged). Several GPUs in the managed mode
-    install the managed allocator, which must happen before torch first uses CUDA."""
-    return _members(spec.strip().lower(), storage, world.identity())
+    install the managed allocator, which must happen before torch first uses CUDA. `align` overrides
+    the row granule of chunk boundaries (`row_align`), e.g. to lay one process out like ranks."""
+    return _members(spec.strip().lower(), storage, world.identity(), align)
 
 
 @functools.lru_cache(maxsize=None)
-def _members(canonical: str, storage: str, identity: Tuple[int, int, int]) -> Members:
+def _members(canonical: str, storage: str, identity: Tuple[int, int, int], align: Optional[int]) -> Members:
     if storage not in STORAGE_MODES:
         raise ValueError(f"Storage mode {storage!r} is not one of {', '.join(STORAGE_MODES)}")
     local = tuple(parse_devices(canonical))
     rank, size, _ = identity
     if size == 1:
-        m = Members(canonical, local, align=1, storage=storage)
+        m = Members(canonical, local, align=align or row_align(local, size), storage=storage)
     else:
         per_rank = world.all_gather_object((canonical, [str(d) for d in local]))
         devices = tuple(torch.device(name) for _, names in per_rank for name in names)
         ranks = tuple(r for r, (_, names) in enumerate(per_rank) for _ in names)
         specs = [s for s, _ in per_rank]
         spec = f"{size} ranks x {canonical}" if len(set(specs)) == 1 else " + ".join(specs)
-        m = Members(spec, devices, align=1, storage=storage, ranks=ranks, rank=rank)
+        m = Members(spec, devices, align=align or row_align(devices, size), storage=storage, ranks=ranks, rank=rank)
     if m.managed:
         from ms_splatfacto.backend.cuda_storage import install_managed_allocator
 

@@ -1,9 +1,11 @@
 """`per_member`: run a differentiable function on each member's rows, keeping one local graph per member.
 
 The operators' first stage (projection and spherical harmonics) touches only the Gaussians a member
-owns, so each member runs the unchanged single-device kernels on its chunk views. Autograd sees one
-node; its backward replays each member's local graph on that member's part of the incoming gradient,
-so gradients land where the rows live and nothing crosses between members.
+owns, so each member (of this rank) runs the unchanged single-device kernels on its chunk views.
+Autograd sees one node; its backward replays each member's local graph on that member's part of the
+incoming gradient, so gradients land where the rows live and nothing crosses between members. The
+replicated inputs every member reads (cameras) get the sum of the members' gradients, added in member
+order on every rank.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ MemberFn = Callable[..., Sequence[Tensor]]
 """fn(member, *row_chunks, *shared) -> outputs, each with the member's rows as its first dim."""
 
 
-def rows_for(grad: Optional[Tensor], layout: Layout, d: int) -> Optional[Tensor]:
-    """Member d's rows of a gradient arriving for an output in `layout` (aggregate or plain)."""
+def rows_for(grad: Optional[Tensor], layout: Layout, d: int) -> Optional[Tensor]:  # grad: [rows, ...]
+    """Local member d's rows of a gradient arriving for an output in `layout` (an aggregate already in
+    it, or an ordinary tensor)."""
     if grad is None:
         return None
     if is_aggregate(grad):
-        return relayout(grad, layout).chunks[d]
+        return grad.chunks[d]
     b = layout.bounds
     return grad[b[d] : b[d + 1]]
 
@@ -36,27 +39,39 @@ class _PerMember(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn: MemberFn, layout: Layout, n_rowed: int, track: bool, *inputs: Tensor):
         rowed, shared = inputs[:n_rowed], inputs[n_rowed:]
-        needs = ctx.needs_input_grad[4 : 4 + n_rowed]
-        ctx.layout, ctx.graphs = layout, []
-        per_member: List[Sequence[Tensor]] = []
-        for d in range(len(layout.members)):
+        needs = ctx.needs_input_grad[4:]
+        ctx.layout, ctx.n_rowed, ctx.graphs = layout, n_rowed, []
+        per_member = {}
+        for d in layout.members.local:
             leaves = [x.chunks[d].detach().requires_grad_(track and need) for x, need in zip(rowed, needs)]
-            local = [exchange.to_member(s.detach(), d, layout) for s in shared]
+            local = [
+                exchange.to_member(s.detach(), d, layout).requires_grad_(track and need)
+                for s, need in zip(shared, needs[n_rowed:])
+            ]
             with torch.set_grad_enabled(track):
                 outs = tuple(fn(d, *leaves, *local))
             if track:
-                ctx.graphs.append((leaves, outs))
-            per_member.append(outs)
-        results = tuple(wrap(layout, chunks=[o[i].detach() for o in per_member]) for i in range(len(per_member[0])))
+                ctx.graphs.append((d, leaves + local, outs))
+            per_member[d] = outs
+        first = per_member[layout.members.local[0]]
+        results = tuple(
+            wrap(layout, chunks=[per_member[d][i].detach() if d in per_member else None for d in range(len(layout.members))])
+            for i in range(len(first))
+        )
+        ctx.shared_like = [(tuple(s.shape), s.dtype) for s in shared]
         ctx.mark_non_differentiable(*[r for r in results if not r.is_floating_point()])
         return results
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]):
         layout: Layout = ctx.layout
-        n_rowed = len(ctx.graphs[0][0]) if ctx.graphs else 0
-        chunk_grads: List[List[Optional[Tensor]]] = [[] for _ in range(n_rowed)]
-        for d, (leaves, outs) in enumerate(ctx.graphs):
+        m = layout.members
+        n_rowed = ctx.n_rowed
+        needs = ctx.needs_input_grad[4:]
+        chunk_grads: List[List[Optional[Tensor]]] = [[None] * len(m) for _ in range(n_rowed)]
+        shared_parts: List[dict] = [{} for _ in ctx.shared_like]
+        grads = tuple(relayout(g, layout) if is_aggregate(g) else g for g in grads)  # collective: once, not per member
+        for d, leaves, outs in ctx.graphs:
             pairs = [(o, rows_for(g, layout, d)) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
             wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
             found = torch.autograd.grad(
@@ -65,19 +80,32 @@ class _PerMember(torch.autograd.Function):
             by_input = dict(zip(wanted, found))
             for i, leaf in enumerate(leaves):
                 g = by_input.get(i)
-                chunk_grads[i].append(torch.zeros_like(leaf) if g is None else g)
+                g = torch.zeros_like(leaf) if g is None else g
+                if i < n_rowed:
+                    chunk_grads[i][d] = g
+                elif needs[i]:
+                    shared_parts[i - n_rowed][d] = g.to(m.device)
         ctx.graphs = []
-        rowed_grads = [
-            wrap(layout, chunks=cg) if ctx.needs_input_grad[4 + i] else None for i, cg in enumerate(chunk_grads)
-        ]
-        n_shared = len(ctx.needs_input_grad) - 4 - n_rowed
-        return (None, None, None, None, *rowed_grads, *([None] * n_shared))
+        rowed_grads = [wrap(layout, chunks=cg) if needs[i] else None for i, cg in enumerate(chunk_grads)]
+        shared_grads = []
+        for i, (shape, dtype) in enumerate(ctx.shared_like):
+            if not needs[n_rowed + i]:
+                shared_grads.append(None)
+                continue
+            parts = {d: shared_parts[i].get(d, torch.zeros(shape, dtype=dtype, device=m.device))[None] for d in m.local}
+            every = exchange.replicate(m, parts, rows_per_member=[1] * len(m))
+            total = every[0][0]
+            for g in every[1:]:
+                total = total + g[0]
+            shared_grads.append(total)
+        return (None, None, None, None, *rowed_grads, *shared_grads)
 
 
 def per_member(fn: MemberFn, rowed: Sequence[AggregateTensor], shared: Sequence[Tensor] = ()) -> Tuple[AggregateTensor, ...]:
     """Outputs of `fn` run on each member's rows of `rowed` (aggregates sharing one layout) and on the
-    replicated `shared` tensors (e.g. cameras), as aggregates in that layout. Differentiable in `rowed`;
-    `shared` tensors are read by every member (counted) but get no gradient."""
+    replicated `shared` tensors (e.g. cameras), as aggregates in that layout. Differentiable in both:
+    a `shared` tensor, read by every member (counted), gets the members' gradients summed in member
+    order, the same on every rank."""
     layout = rowed[0]._layout
     assert all(x._layout == layout for x in rowed), "per_member needs its row inputs in one layout"
     for s in shared:

@@ -8,9 +8,15 @@ exactly the single-device order, and the members' lists concatenated are globall
 
 Rasterization: member r renders the tiles of its key range. It reads the projected records
 (means2d, conic, colour, opacity of one Gaussian in one camera) its intersections name from their
-owners: a remote read, counted once per record and member. In backward, member r accumulates the
+owners: the plan tells each owner which of its records r reads, and every render moves them in one
+exchange (a remote read, counted once per record and member). In backward, member r accumulates the
 gradients of the records it read into its own buffer and hands each owner its part: a (sparse)
-reduce-scatter, counted the same way. Pixels travel to member 0, which holds the assembled image.
+reduce-scatter, in float64 where the kernels keep unrounded sums. Each member sends the pixels of its
+tiles to every rank, which assembles the image as an ordinary (replicated) tensor; the gradient of the
+image is then on every rank, and each member takes its own pixels of it without any transfer.
+
+Every step is SPMD: a rank works for its own members only, and all data for another member goes
+through the exchange.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,7 +47,7 @@ class SourceRecords:
 @dataclass
 class MemberTiles:
     """Member r's share of the rendering: cameras [cam_lo, cam_hi], its sorted intersections and the
-    records they name."""
+    records they name (held by r's rank only)."""
 
     cam_lo: int
     cam_hi: int
@@ -66,7 +72,8 @@ class MemberTiles:
 
 @dataclass
 class TilePlan:
-    """Who renders which tiles and reads which records, for one set of cameras."""
+    """Who renders which tiles and reads which records, for one set of cameras. `work` and `serve`
+    hold entries for this rank's members only."""
 
     layout: Layout  # of the Gaussians
     n_cameras: int
@@ -76,14 +83,16 @@ class TilePlan:
     tile_width: int
     tile_height: int
     tile_bounds: List[int]  # [members + 1] in camera-major tile order
-    work: List[Optional[MemberTiles]]  # None for members without tiles
+    work: List[Optional[MemberTiles]]  # per member: None for members without tiles or of other ranks
+    serve: Dict[int, List[Tensor]]  # local owner s -> [n]: its flat records each member r reads, in r's order
+    pixel_owner: Tensor  # [C, H, W] the member rendering each pixel
     n_isects: int
 
     def remote_page_bytes(self, record_bytes: List[int], page_bytes: int = 4096) -> int:
         """Remote reads at page granularity: the bytes of every page of another member's record arrays
-        (one per field, `record_bytes` per (row, camera) record) that a member reads from. What moves
-        where managed memory migrates pages rather than serving cache lines; the Morton order makes a
-        member's reads land on fewer pages."""
+        (one per field, `record_bytes` per (row, camera) record) that this rank's members read from.
+        What moves where managed memory migrates pages rather than serving cache lines; the Morton
+        order makes a member's reads land on fewer pages."""
         total = 0
         for r, work in enumerate(self.work):
             for src in work.sources if work is not None else ():
@@ -101,21 +110,25 @@ def plan_tiles(
     height: int,
     tile_size: int,
 ) -> TilePlan:
-    """Intersect every member's Gaussians with the tiles and route the intersections to the members
-    owning their key ranges (counted as "other" traffic: 12 B per routed intersection)."""
+    """Intersect every member's Gaussians with the tiles, route the intersections to the members
+    owning their key ranges, and tell each owner which records each member will read (both counted
+    as "other" traffic)."""
     N, C = radii.shape
     assert means2d.shape == (N, C, 2) and depths.shape == (N, C), "projected records must be Gaussian-major [N, C, ...]"
     layout = radii._layout
-    n_members = len(layout.members)
+    m = layout.members
+    n_members = len(m)
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     per_camera = tile_width * tile_height
     tile_bits = per_camera.bit_length()
     tile_bounds = even_bounds(C * per_camera, n_members)
-    edges = torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=layout.members.device)
-    routed: List[List[Tuple[Tensor, Tensor]]] = [[] for _ in range(n_members)]
-    for s in range(n_members):
+    send: Dict[int, List[Tensor]] = {}
+    for s in m.local:
+        device = m.devices[s]
+        edges = torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=device)
         n_s = layout.counts[s]
         if n_s == 0 or C == 0:
+            send[s] = [torch.zeros((0, 2), dtype=torch.long, device=device)] * n_members
             continue
         _, ids, flat = kernels.isect_tiles(
             means2d.chunks[s].transpose(0, 1).contiguous(), radii.chunks[s].t().contiguous(),
@@ -125,21 +138,31 @@ def plan_tiles(
         global_tile = (key >> tile_bits) * per_camera + (key & ((1 << tile_bits) - 1))
         flat = flat.long()
         record = (layout.bounds[s] + flat % n_s) * C + flat // n_s  # global row * C + camera
-        dest = torch.bucketize(global_tile, edges.to(ids.device), right=True)
-        for r, count in enumerate(torch.bincount(dest, minlength=n_members).tolist()):
-            if count:
-                sel = dest == r
-                exchange.record(s, r, count * (ids.element_size() + 4))
-                routed[r].append((exchange.to_member(ids[sel], r, layout), exchange.to_member(record[sel], r, layout)))
-    pixel_owner = _pixel_owners(edges, C, width, height, tile_size, tile_width, tile_height)
-    work = [
-        _member_tiles(kernels, r, routed[r], tile_bounds, layout, C, tile_width, tile_height, tile_bits, pixel_owner)
-        for r in range(n_members)
-    ]
-    return TilePlan(
-        layout, C, width, height, tile_size, tile_width, tile_height, tile_bounds, work,
-        sum(ids.shape[0] for lists in routed for ids, _ in lists),
-    )
+        dest = torch.bucketize(global_tile, edges, right=True)
+        order = torch.sort(dest, stable=True)
+        cuts = torch.searchsorted(order.values, torch.arange(n_members + 1, device=device)).tolist()
+        pairs = torch.stack([ids, record], dim=1)[order.indices]  # [M_s, 2]: key, record
+        send[s] = [pairs[cuts[r] : cuts[r + 1]] for r in range(n_members)]
+    routed = exchange.all_to_all(m, send)
+    pixel_owner = _pixel_owners(torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=m.device), C, width, height,
+                                tile_size, tile_width, tile_height)
+    work: List[Optional[MemberTiles]] = [None] * n_members
+    asks: Dict[int, List[Tensor]] = {}
+    for r in m.local:
+        work[r] = _member_tiles(kernels, r, routed[r], tile_bounds, layout, C, tile_width, tile_height, tile_bits, pixel_owner)
+        asks[r] = _asks(work[r], r, layout)
+    serve = exchange.all_to_all(m, asks) if m.local else {}
+    n_isects = sum(p.shape[0] for r in m.local for p in routed[r])
+    return TilePlan(layout, C, width, height, tile_size, tile_width, tile_height, tile_bounds, work, serve, pixel_owner, n_isects)
+
+
+def _asks(work: Optional[MemberTiles], r: int, layout: Layout) -> List[Tensor]:
+    """What member r reads of each owner ([n] flat record lists; empty for owners it does not read)."""
+    device = layout.members.devices[r]
+    out = [torch.zeros(0, dtype=torch.long, device=device) for _ in range(len(layout.members))]
+    for src in work.sources if work is not None else ():
+        out[src.source] = src.flat
+    return out
 
 
 def _pixel_owners(
@@ -156,7 +179,7 @@ def _pixel_owners(
 def _member_tiles(
     kernels: ModuleType,
     r: int,
-    routed: List[Tuple[Tensor, Tensor]],
+    routed: List[Tensor],  # [n] pieces [k, 2]: (key, record) from each source, in source order
     tile_bounds: List[int],
     layout: Layout,
     C: int,
@@ -169,15 +192,9 @@ def _member_tiles(
         return None
     per_camera = tile_width * tile_height
     cam_lo, cam_hi = tile_bounds[r] // per_camera, (tile_bounds[r + 1] - 1) // per_camera
-    device = layout.members.devices[r]
-    if routed:
-        ids = torch.cat([i for i, _ in routed])
-        records = torch.cat([rec for _, rec in routed])
-        ids, order = torch.sort(ids, stable=True)
-        records = records[order]
-    else:
-        ids = torch.zeros(0, dtype=torch.long, device=device)
-        records = torch.zeros(0, dtype=torch.long, device=device)
+    pairs = torch.cat(routed).to(layout.members.devices[r])
+    ids, order = torch.sort(pairs[:, 0], stable=True)  # sources arrive in global row order: stable = one device's order
+    records = pairs[:, 1][order]
     unique, flatten_ids = torch.unique(records, return_inverse=True)
     offsets = kernels.isect_offset_encode(ids - (cam_lo << (32 + tile_bits)), cam_hi - cam_lo + 1, tile_width, tile_height)
     firsts = torch.tensor([b * C for b in layout.bounds], dtype=unique.dtype, device=unique.device)
@@ -187,30 +204,56 @@ def _member_tiles(
         for s in range(len(layout.members))
         if cuts[s + 1] > cuts[s]
     ]
-    pixels = pixel_owner[cam_lo : cam_hi + 1, ..., None] == r
+    pixels = (pixel_owner[cam_lo : cam_hi + 1, ..., None] == r).to(unique.device)
     return MemberTiles(
         cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, unique.shape[0], sources, pixels, int(pixels.sum())
     )
 
 
-def _read_records(work: MemberTiles, fields: Tuple[AggregateTensor, ...], r: int, layout: Layout) -> List[Tensor]:
-    """The member's records of each field ([N, C, ...] aggregates) as [C_r, P, ...] arrays, read from
-    their owners (remote reads for records another member holds). Records are grouped by owner, so
-    each field is one concatenation of per-owner reads, zero-padded to C_r * P."""
-    padded = work.padded * work.n_cameras
-    out = []
-    for field in fields:
-        tail = field.shape[2:]
-        pieces = [
-            exchange.to_member(field.chunks[src.source].reshape(-1, *tail).index_select(0, src.flat), r, layout)
-            for src in work.sources
-        ]
-        pieces.append(torch.zeros((padded - work.n_records, *tail), dtype=field.dtype, device=layout.members.devices[r]))
-        out.append(torch.cat(pieces).reshape(work.n_cameras, work.padded, *tail))
-    per_record = sum(math.prod(f.shape[2:]) * f.element_size() for f in fields)
-    for src in work.sources:
-        exchange.record(src.source, r, (src.stop - src.start) * per_record, kind="remote_read")
+def _pack(fields: Tuple[AggregateTensor, ...], s: int) -> Tensor:
+    """Local owner s's records of every field side by side: [rows_s * C, sum of field widths]."""
+    n_s, C = fields[0].chunks[s].shape[:2]
+    return torch.cat([f.chunks[s].reshape(n_s * C, -1) for f in fields], dim=1)
+
+
+def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[int, List[Tensor]]:
+    """Each local member's records of each field ([N, C, ...] aggregates) as [C_r, P, ...] arrays, read
+    from their owners in one exchange (remote reads for records another member holds). Records are
+    grouped by owner, so each field is one concatenation of per-owner pieces, zero-padded to C_r * P."""
+    layout = plan.layout
+    m = layout.members
+    send = {}
+    for s in m.local:
+        packed = _pack(fields, s)
+        send[s] = [packed.index_select(0, plan.serve[s][r].to(packed.device)) for r in range(len(m))]
+    got = exchange.all_to_all(m, send, kind="remote_read")
+    widths = [math.prod(f.shape[2:]) for f in fields]
+    out = {}
+    for r in m.local:
+        work = plan.work[r]
+        if work is None:
+            continue
+        rows = torch.cat([got[r][src.source] for src in work.sources]) if work.sources else got[r][r][:0]
+        padded = work.padded * work.n_cameras
+        rows = torch.cat([rows, rows.new_zeros((padded - work.n_records, rows.shape[1]))])
+        pieces = torch.split(rows, widths, dim=1)
+        out[r] = [p.reshape(work.n_cameras, work.padded, *f.shape[2:]).contiguous() for p, f in zip(pieces, fields)]
     return out
+
+
+def _assemble(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torch.dtype, device) -> Tensor:
+    """The [C, H, W, channels] image on every rank: each member sends its tiles' pixels to every rank."""
+    m = plan.layout.members
+    parts = {}
+    for r in m.local:
+        work = plan.work[r]
+        parts[r] = images[r][work.pixels[..., 0]] if work is not None else torch.zeros((0, channels), dtype=dtype, device=m.devices[r])
+    got = exchange.replicate(m, parts)
+    image = torch.zeros((plan.n_cameras, plan.height, plan.width, channels), dtype=dtype, device=device)
+    for r, pixels in enumerate(got):
+        if pixels.shape[0]:
+            image[plan.pixel_owner == r] = pixels.to(device)
+    return image
 
 
 class _TileRasterize(torch.autograd.Function):
@@ -218,46 +261,45 @@ class _TileRasterize(torch.autograd.Function):
     def forward(ctx, plan: TilePlan, kernels: ModuleType, backgrounds: Optional[Tensor], absgrad: bool, track: bool,
                 means2d, conics, colors, opacities):
         layout = plan.layout
+        m = layout.members
         fields = (means2d, conics, colors, opacities)
-        C, D = plan.n_cameras, colors.shape[2]
-        device = layout.members.device
-        render = torch.zeros((C, plan.height, plan.width, D), dtype=colors.dtype, device=device)
-        alphas = torch.zeros((C, plan.height, plan.width, 1), dtype=colors.dtype, device=device)
+        D = colors.shape[2]
+        records = _read_records(plan, fields)
         ctx.graphs = []
-        for r, work in enumerate(plan.work):
+        images = {}
+        for r in m.local:
+            work = plan.work[r]
             if work is None:
                 continue
-            records = [t.requires_grad_(track) for t in _read_records(work, fields, r, layout)]
-            bg = None if backgrounds is None else backgrounds[work.cam_lo : work.cam_hi + 1]
+            mine = [t.requires_grad_(track) for t in records[r]]
+            bg = None if backgrounds is None else exchange.to_member(backgrounds[work.cam_lo : work.cam_hi + 1], r, layout)
             with torch.set_grad_enabled(track):
                 colors_r, alphas_r = kernels.rasterize_to_pixels(
-                    *records, plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids,
+                    *mine, plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids,
                     backgrounds=bg, absgrad=absgrad, float64_sums=True,
                 )
-            cams = slice(work.cam_lo, work.cam_hi + 1)
-            mask = exchange.to_member(work.pixels, 0, layout)
-            render[cams] = torch.where(mask, exchange.to_member(colors_r, 0, layout), render[cams])
-            alphas[cams] = torch.where(mask, exchange.to_member(alphas_r, 0, layout), alphas[cams])
-            exchange.record(r, 0, work.n_pixels * (D + 1) * colors.element_size())
+            images[r] = torch.cat([colors_r, alphas_r], dim=-1).detach()
             if track:
-                ctx.graphs.append((r, records, colors_r, alphas_r))
-        ctx.plan, ctx.absgrad, ctx.means2d = plan, absgrad, means2d
+                ctx.graphs.append((r, mine, colors_r, alphas_r))
+        both = _assemble(plan, images, D + 1, colors.dtype, m.device)
+        ctx.plan, ctx.absgrad, ctx.means2d, ctx.kernels = plan, absgrad, means2d, kernels
         ctx.row_shapes = [tuple(f.shape[1:]) for f in fields] + [tuple(means2d.shape[1:])]
         ctx.dtype = colors.dtype
-        return render, alphas
+        return both[..., :D].contiguous(), both[..., D:].contiguous()
 
     @staticmethod
-    def backward(ctx, v_render: Tensor, v_alphas: Tensor):  # [C, H, W, D], [C, H, W, 1]
+    def backward(ctx, v_render: Tensor, v_alphas: Tensor):  # [C, H, W, D], [C, H, W, 1], the same on every rank
         plan: TilePlan = ctx.plan
         layout = plan.layout
+        m = layout.members
         n_fields = 5 if ctx.absgrad else 4  # means2d, conics, colors, opacities (, means2d absgrad)
-        owned: List[List[Optional[Tensor]]] = [[None] * len(layout.members) for _ in range(n_fields)]
+        partials: Dict[int, List[Optional[Tensor]]] = {}
         for r, records, colors_r, alphas_r in ctx.graphs:
             work = plan.work[r]
             cams = slice(work.cam_lo, work.cam_hi + 1)
             g_render = exchange.to_member(v_render[cams], r, layout) * work.pixels
             g_alpha = exchange.to_member(v_alphas[cams], r, layout) * work.pixels
-            exchange.record(0, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
+            exchange.record(m.host, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
             pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
             found = list(
                 torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
@@ -268,13 +310,14 @@ class _TileRasterize(torch.autograd.Function):
             exact = getattr(records[0], "float64_sums", None)  # kernel sets that keep unrounded sums
             if exact is not None:
                 found = [exact[k] for k in ("means2d", "conics", "colors", "opacities", "absgrad")[: len(found)]]
-            _reduce_scatter(work, r, found, owned, ctx.row_shapes, layout, ctx.dtype)
+            partials[r] = found
         ctx.graphs = []
+        wide = torch.float64 if getattr(ctx.kernels, "KEEPS_FLOAT64_SUMS", False) else ctx.dtype
+        owned = _reduce_scatter(plan, partials, ctx.row_shapes[:n_fields], wide)
         out = [
             wrap(layout, chunks=[
-                g.reshape(layout.counts[d], *ctx.row_shapes[i]).to(ctx.dtype) if g is not None
-                else torch.zeros((layout.counts[d], *ctx.row_shapes[i]), dtype=ctx.dtype, device=layout.members.devices[d])
-                for d, g in enumerate(owned[i])
+                owned[d][i].reshape(layout.counts[d], *ctx.row_shapes[i]).to(ctx.dtype) if m.is_local(d) else None
+                for d in range(len(m))
             ])
             for i in range(n_fields)
         ]
@@ -285,27 +328,40 @@ class _TileRasterize(torch.autograd.Function):
 
 
 def _reduce_scatter(
-    work: MemberTiles, r: int, found: List[Optional[Tensor]], owned, row_shapes, layout: Layout, dtype: torch.dtype
-) -> None:
-    """Hand each owner the gradients of its records that member r accumulated (added into the owner's
-    [rows * C, ...] buffer, made on first use, in the partials' dtype: float64 where the kernel set
-    gives unrounded sums, so the owner's total rounds like the single-device one); counted per record
-    that crosses members, at the model's dtype."""
-    per_record = 0
-    for i, g in enumerate(found):
-        if g is None:
-            continue
-        flat = g.reshape(-1, *row_shapes[i][1:])
-        per_record += math.prod(row_shapes[i][1:]) * dtype.itemsize
-        for src in work.sources:
-            s = src.source
-            if owned[i][s] is None:
-                rows = layout.counts[s] * row_shapes[i][0]
-                owned[i][s] = torch.zeros((rows, *row_shapes[i][1:]), dtype=g.dtype, device=layout.members.devices[s])
-            values = exchange.to_member(flat[src.start : src.stop], s, layout)
-            owned[i][s].index_add_(0, src.flat.to(values.device), values)
-    for src in work.sources:
-        exchange.record(r, src.source, (src.stop - src.start) * per_record, kind="reduce_scatter")
+    plan: TilePlan, partials: Dict[int, List[Optional[Tensor]]], row_shapes, wide: torch.dtype
+) -> Dict[int, List[Tensor]]:
+    """Hand each owner the gradients of its records that each member accumulated: every member sends
+    each owner its records' gradients of all fields side by side (in `wide`: float64 where the kernel
+    set gives unrounded sums, so the owner's total rounds like the single-device one) in one exchange, and the
+    owner adds them into its [rows * C, ...] buffers in member order. Returns, per local owner, one
+    flat gradient per field."""
+    layout = plan.layout
+    m = layout.members
+    widths = [math.prod(shape[1:]) for shape in row_shapes]
+    C = plan.n_cameras
+    send = {}
+    for r in m.local:
+        work = plan.work[r]
+        device = m.devices[r]
+        pieces = [torch.zeros((0, sum(widths)), dtype=wide, device=device) for _ in range(len(m))]
+        if work is not None and r in partials:
+            flat = [
+                (g.reshape(-1, w) if g is not None else torch.zeros((work.padded * work.n_cameras, w), dtype=wide, device=device)).to(wide)
+                for g, w in zip(partials[r], widths)
+            ]
+            packed = torch.cat(flat, dim=1)
+            for src in work.sources:
+                pieces[src.source] = packed[src.start : src.stop]
+        send[r] = pieces
+    got = exchange.all_to_all(m, send, kind="reduce_scatter")
+    owned = {}
+    for s in m.local:
+        buffer = torch.zeros((layout.counts[s] * C, sum(widths)), dtype=wide, device=m.devices[s])
+        for r in range(len(m)):
+            if got[s][r].shape[0]:
+                buffer.index_add_(0, plan.serve[s][r].to(buffer.device), got[s][r].to(buffer.device))
+        owned[s] = list(torch.split(buffer, widths, dim=1))
+    return owned
 
 
 def tile_rasterize(
@@ -319,7 +375,7 @@ def tile_rasterize(
     absgrad: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Render the plan's cameras: colours [C, H, W, D] and alphas [C, H, W, 1], ordinary tensors on
-    member 0. Backward gives aggregate gradients for the four record fields and, with `absgrad`, sets
+    every rank. Backward gives aggregate gradients for the four record fields and, with `absgrad`, sets
     `means2d.absgrad` ([N, C, 2] aggregate) as gsplat's kernels do."""
     N, C = opacities.shape
     D = colors.shape[2]

@@ -80,7 +80,7 @@ def reduce_rows(func, args: tuple, kwargs: dict, x: AggregateTensor, dims: Tuple
 
 
 def _padded(x: AggregateTensor, d: int, holders: List[int]) -> torch.Tensor:
-    """Member d's rows; a member without rows computing only a partial's shape gets one zero row."""
+    """Local member d's rows; a member without rows computing only a partial's shape gets one zero row."""
     chunk = x.chunks[d]
     return chunk if d in holders else chunk.new_zeros((1, *chunk.shape[1:]))
 

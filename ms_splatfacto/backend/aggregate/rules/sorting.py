@@ -115,7 +115,7 @@ def sort(func, args, kwargs):
         _account_merge(layout, out_layout, exchange.row_bytes(values) + exchange.row_bytes(indices))
         return wrap(out_layout, whole=values), wrap(out_layout, whole=indices)
 
-    def local_sorted(d):
+    def local_sorted(d):  # d: a local member
         v, i = torch.sort(x.chunks[d], dim=0, descending=descending, stable=True)
         return v, i + layout.bounds[d]
 
@@ -142,7 +142,7 @@ def topk(func, args, kwargs):
         return wrap(out_layout, whole=values), wrap(out_layout, whole=indices)
     rows = [min(k, n) for n in layout.counts]
 
-    def local_top(d):
+    def local_top(d):  # d: a local member
         v, i = torch.topk(x.chunks[d], rows[d], dim=0, largest=b["largest"], sorted=True)
         return v, i + layout.bounds[d]
 
