@@ -7,7 +7,7 @@ autograd through a [pixels, Gaussians-per-tile] graph, so it scales to real scen
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -65,7 +65,7 @@ class _RasterizeToPixels(torch.autograd.Function):
         isect_offsets: Tensor,  # [C, tile_height, tile_width]
         flatten_ids: Tensor,  # [M]
         absgrad: bool,
-        float64_sums: bool,
+        float64_sums: Optional[Dict[str, Optional[Tensor]]],
     ) -> Tuple[Tensor, Tensor]:
         render_colors, render_alphas, last_ids = build.cpu_ops().rasterize_to_pixels_fwd(
             means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
@@ -82,11 +82,11 @@ class _RasterizeToPixels(torch.autograd.Function):
         absgrad = ctx.absgrad and ctx.needs_input_grad[0]
         v_means2d, v_means2d_abs, v_conics, v_colors, v_opacities, v_backgrounds = build.cpu_ops().rasterize_to_pixels_bwd(
             means2d, conics, colors, opacities, backgrounds, *ctx.image, isect_offsets, flatten_ids, last_ids,
-            v_render_colors.contiguous(), v_render_alphas.contiguous(), absgrad, ctx.float64_sums,
+            v_render_colors.contiguous(), v_render_alphas.contiguous(), absgrad, ctx.float64_sums is not None,
         )
-        if ctx.float64_sums:
-            means2d.float64_sums = {"means2d": v_means2d, "conics": v_conics, "colors": v_colors,
-                                    "opacities": v_opacities, "absgrad": v_means2d_abs if absgrad else None}
+        if ctx.float64_sums is not None:
+            ctx.float64_sums.update(means2d=v_means2d, conics=v_conics, colors=v_colors, opacities=v_opacities,
+                                    absgrad=v_means2d_abs if absgrad else None)
             v_means2d, v_conics, v_colors, v_opacities, v_means2d_abs = (
                 t.to(colors.dtype) for t in (v_means2d, v_conics, v_colors, v_opacities, v_means2d_abs)
             )
@@ -109,14 +109,15 @@ def rasterize_to_pixels(
     flatten_ids: Tensor,  # [M]
     backgrounds: Optional[Tensor] = None,  # [C, D]
     absgrad: bool = False,
-    float64_sums: bool = False,
+    float64_sums: Optional[Dict[str, Optional[Tensor]]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Front-to-back alpha compositing of each pixel's tile list (see `reference.rasterize_to_pixels`).
 
     Returns colours [C, H, W, D] and alphas [C, H, W, 1]. With absgrad, backward also sets
     `means2d.absgrad` [C, N, 2], the sum over pixels of the absolute per-pixel gradient. With
-    float64_sums, backward also sets `means2d.float64_sums`: the per-Gaussian gradients before their
-    rounding to the input dtype, so partial sums over different tiles can be added without loss.
+    a `float64_sums` dict, backward fills it with the per-Gaussian gradients before their rounding to
+    the input dtype ("means2d", "conics", "colors", "opacities", "absgrad"), so partial sums over
+    different tiles can be added without loss.
     """
     C, N, D = colors.shape
     assert means2d.shape == (C, N, 2), f"means2d must be [C, N, 2], got {tuple(means2d.shape)}"

@@ -4,7 +4,7 @@ from ms_splatfacto.backend.kernels._cpu_projection import project, spherical_har
 from ms_splatfacto.backend.kernels._cpu_rasterize import isect_offset_encode, isect_tiles, rasterize_to_pixels
 
 KEEPS_FLOAT64_SUMS = True
-"""`rasterize_to_pixels(..., float64_sums=True)` keeps the per-Gaussian gradient sums unrounded, so the
-tile rasterizer hands them to their owners in float64."""
+"""`rasterize_to_pixels(..., float64_sums={})` hands back the per-Gaussian gradient sums unrounded, so
+the tile rasterizer sends them to their owners in float64."""
 
 __all__ = ["project", "spherical_harmonics", "isect_tiles", "isect_offset_encode", "rasterize_to_pixels"]

@@ -59,7 +59,7 @@ def rasterize_to_pixels(
     flatten_ids: Tensor,  # [M]
     backgrounds: Optional[Tensor] = None,  # [C, D]
     absgrad: bool = False,
-    float64_sums: bool = False,  # accepted for the common interface; this set keeps its own precision
+    float64_sums: Optional[dict] = None,  # accepted for the common interface; this set keeps its own precision
 ) -> Tuple[Tensor, Tensor]:
     return gs.rasterize_to_pixels(
         means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids,

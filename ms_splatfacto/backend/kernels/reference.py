@@ -252,7 +252,7 @@ def rasterize_to_pixels(
     flatten_ids: Tensor,  # [M]
     backgrounds: Optional[Tensor] = None,  # [C, D]
     absgrad: bool = False,
-    float64_sums: bool = False,  # accepted for the common interface; this set keeps its own precision
+    float64_sums: Optional[dict] = None,  # accepted for the common interface; this set keeps its own precision
 ) -> Tuple[Tensor, Tensor]:
     """Front-to-back alpha compositing of each pixel's tile list.
 

@@ -272,15 +272,16 @@ class _TileRasterize(torch.autograd.Function):
             if work is None:
                 continue
             mine = [t.requires_grad_(track) for t in records[r]]
+            sums: Dict[str, Optional[Tensor]] = {}
             bg = None if backgrounds is None else exchange.to_member(backgrounds[work.cam_lo : work.cam_hi + 1], r, layout)
             with torch.set_grad_enabled(track):
                 colors_r, alphas_r = kernels.rasterize_to_pixels(
                     *mine, plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids,
-                    backgrounds=bg, absgrad=absgrad, float64_sums=True,
+                    backgrounds=bg, absgrad=absgrad, float64_sums=sums,
                 )
             images[r] = torch.cat([colors_r, alphas_r], dim=-1).detach()
             if track:
-                ctx.graphs.append((r, mine, colors_r, alphas_r))
+                ctx.graphs.append((r, mine, colors_r, alphas_r, sums))
         both = _assemble(plan, images, D + 1, colors.dtype, m.device)
         ctx.plan, ctx.absgrad, ctx.means2d, ctx.kernels = plan, absgrad, means2d, kernels
         ctx.row_shapes = [tuple(f.shape[1:]) for f in fields] + [tuple(means2d.shape[1:])]
@@ -294,7 +295,7 @@ class _TileRasterize(torch.autograd.Function):
         m = layout.members
         n_fields = 5 if ctx.absgrad else 4  # means2d, conics, colors, opacities (, means2d absgrad)
         partials: Dict[int, List[Optional[Tensor]]] = {}
-        for r, records, colors_r, alphas_r in ctx.graphs:
+        for r, records, colors_r, alphas_r, sums in ctx.graphs:
             work = plan.work[r]
             cams = slice(work.cam_lo, work.cam_hi + 1)
             g_render = exchange.to_member(v_render[cams], r, layout) * work.pixels
@@ -307,9 +308,8 @@ class _TileRasterize(torch.autograd.Function):
             )
             if ctx.absgrad:
                 found.append(getattr(records[0], "absgrad", None))
-            exact = getattr(records[0], "float64_sums", None)  # kernel sets that keep unrounded sums
-            if exact is not None:
-                found = [exact[k] for k in ("means2d", "conics", "colors", "opacities", "absgrad")[: len(found)]]
+            if sums:  # kernel sets that keep unrounded sums filled the dict in their backward
+                found = [sums[k] for k in ("means2d", "conics", "colors", "opacities", "absgrad")[: len(found)]]
             partials[r] = found
         ctx.graphs = []
         wide = torch.float64 if getattr(ctx.kernels, "KEEPS_FLOAT64_SUMS", False) else ctx.dtype
