@@ -1,6 +1,6 @@
 """The ms-splatfacto benchmark: step time, the reference floor, rasterizer throughput, peak memory, exchange
 bytes (Morton vs random order, Grendel-style count), simulation on up to 64 members, the largest model one
-step completes with, and a GPU section. Prints rich tables, writes PNG plots and run.json.
+step completes with, a GPU section, and the step on ranks (separate processes) against one process. Prints rich tables, writes PNG plots and run.json.
 
     .venv/bin/python benchmarks/run.py --quick      # < 15 min on 2 CPU cores
     .venv/bin/python benchmarks/run.py              # full: 100k and 1M Gaussians, largest-model search
@@ -36,6 +36,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import exchange_bench  # noqa: E402
+import ranks_bench  # noqa: E402
 import stepbench  # noqa: E402
 from ms_splatfacto import capacity  # noqa: E402
 from ms_splatfacto.backend.morton import morton_order  # noqa: E402
@@ -43,11 +44,14 @@ from ms_splatfacto.backend.morton import morton_order  # noqa: E402
 console = Console(width=150)
 MODES = {
     "full": dict(sizes=[100_000, 1_000_000], members=[1, 2, 4, 8], repeats=5, reference_n=5_000, memory_sizes=[400_000, 1_000_000],
-                 sim_n=200_000, sim_members=[1, 2, 4, 8, 16, 32, 64], largest_budget=24 * 2**30, largest_start=1_000_000),
+                 sim_n=200_000, sim_members=[1, 2, 4, 8, 16, 32, 64], largest_budget=24 * 2**30, largest_start=1_000_000,
+                 ranks_n=100_000, ranks=[1, 2, 4], ranks_runs=3),
     "quick": dict(sizes=[20_000, 100_000], members=[1, 2, 4, 8], repeats=3, reference_n=2_000, memory_sizes=[200_000],
-                  sim_n=50_000, sim_members=[1, 2, 4, 8, 16, 32, 64], largest_budget=2 * 2**30, largest_start=400_000),
+                  sim_n=50_000, sim_members=[1, 2, 4, 8, 16, 32, 64], largest_budget=2 * 2**30, largest_start=400_000,
+                  ranks_n=20_000, ranks=[1, 2, 4], ranks_runs=3),
     "tiny": dict(sizes=[2_000], members=[1, 4], repeats=1, reference_n=200, memory_sizes=[20_000],
-                 sim_n=1_000, sim_members=[1, 16], largest_budget=0, largest_start=0),
+                 sim_n=1_000, sim_members=[1, 16], largest_budget=0, largest_start=0,
+                 ranks_n=2_000, ranks=[2], ranks_runs=1),
 }
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """glibc keeps freed memory in its heaps; with this threshold freed tensors leave the resident set, so the
@@ -309,8 +313,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results["simulation"] = section_simulation(cfg)
     results["largest"] = section_largest(cfg)
     results["gpu"] = section_gpu()
+    results["ranks"] = ranks_bench.section_ranks(cfg["ranks_n"], cfg["ranks"], steps=3 if mode != "tiny" else 1, runs=cfg["ranks_runs"])
+    ranks_bench.print_table(results["ranks"], console)
     args.out.mkdir(parents=True, exist_ok=True)
-    results["meta"]["plots"] = plots(results, args.out)
+    ranks_bench.plot(results["ranks"], args.out / "run_ranks_step_time.png")
+    results["meta"]["plots"] = plots(results, args.out) + ["run_ranks_step_time.png"]
     results["meta"]["seconds"] = time.perf_counter() - start
     (args.out / "run.json").write_text(json.dumps(results, indent=1, default=float))
     console.print(f"wrote {args.out / 'run.json'} and {', '.join(results['meta']['plots'])} in {results['meta']['seconds']:.0f} s")

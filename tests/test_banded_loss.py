@@ -1,5 +1,5 @@
 """The banded L1 + SSIM loss against splatfacto's own formula (pytorch_msssim.SSIM), its band layout,
-and the bytes it reports to the exchange module."""
+and that it moves nothing (the image is on every rank)."""
 
 from __future__ import annotations
 
@@ -69,15 +69,11 @@ def test_batch_is_mean_of_per_image_losses(dtype):
 
 
 def test_more_members_than_tile_rows():
-    """Empty bands compute and send nothing; band 1 reads the 5 rows of band 2 as its halo."""
+    """Empty bands compute nothing; band 1 reads the 5 rows of band 2 as its halo."""
     bands = band_rows(37, 7, TILE)
     assert bands == [0, 16, 32, 37, 37, 37, 37, 37]
     pred, gt = images((37, 29, 3), torch.float64)
-    exchange.reset_exchange()
     check_against_reference(pred, gt, bands, torch.float64)
-    row, partial = 2 * 29 * 3 * 8, 2 * 8
-    assert exchange.exchange_counts("other") == {(1, 0): 10 * row + partial, (2, 1): 5 * row, (2, 0): partial}
-    exchange.reset_exchange()
 
 
 @pytest.mark.parametrize("bands", [[0, 1, 2, 3, 40, 41, 64], [0, 5, 5, 12, 64], [0, 60, 64], [0, 64, 64]])
@@ -106,39 +102,12 @@ def test_band_rows_properties(height, members, tile):
     assert tile_rows == sorted(tile_rows, reverse=True)
 
 
-def test_exchange_counts_two_members():
-    exchange.reset_exchange()
-    pred, gt = images((64, 8, 3), torch.float32)
-    banded_l1_ssim(pred, gt, LAMBDA, band_rows(64, 2, 16))
-    assert exchange.exchange_counts("other") == {(1, 0): 2 * 10 * 8 * 3 * 4 + 2 * 4}
-    assert exchange.exchange_totals() == {"remote_read": 0, "reduce_scatter": 0, "other": 2 * 10 * 8 * 3 * 4 + 2 * 4}
-    exchange.reset_exchange()
-
-
-def test_exchange_counts_halo_spanning_two_bands():
-    """Bands of 8 rows: the 10-row halo reaches two bands down; the last band owns no SSIM map row."""
+@pytest.mark.parametrize("members", [1, 2, 4])
+def test_the_loss_moves_nothing(members: int):
+    """The image is on every rank (the rasterizer assembled it there): no band reads anything remote."""
     exchange.reset_exchange()
     pred, gt = images((2, 32, 4, 3), torch.float64)
-    bands = band_rows(32, 4, 8)
-    assert bands == [0, 8, 16, 24, 32]
-    banded_l1_ssim(pred, gt, LAMBDA, bands)
-    row = 2 * 2 * 4 * 3 * 8  # a row of pred and of gt, both images
-    partial = 2 * 8
-    assert exchange.exchange_counts("other") == {
-        (1, 0): 8 * row + partial,
-        (2, 0): 2 * row + partial,
-        (2, 1): 8 * row,
-        (3, 1): 2 * row,
-        (3, 2): 8 * row,
-        (3, 0): partial,
-    }
-    exchange.reset_exchange()
-
-
-def test_one_member_moves_nothing():
-    exchange.reset_exchange()
-    pred, gt = images((64, 48, 3), torch.float32)
-    banded_l1_ssim(pred, gt, LAMBDA, band_rows(64, 1, TILE))
+    banded_l1_ssim(pred, gt, LAMBDA, band_rows(32, members, 8))
     assert exchange.exchange_counts() == {}
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import REPO
 
-SECTIONS = ("meta", "step", "reference", "memory", "exchange", "simulation", "largest", "gpu")
-PLOTS = ("run_step_time.png", "run_exchange_simulation.png", "run_exchange_order.png", "run_memory.png")
+SECTIONS = ("meta", "step", "reference", "memory", "exchange", "simulation", "largest", "gpu", "ranks")
+PLOTS = ("run_step_time.png", "run_exchange_simulation.png", "run_exchange_order.png", "run_memory.png", "run_ranks_step_time.png")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def finite_numbers(obj) -> list:
 
 def test_every_figure_is_present_and_finite(results: dict):
     assert set(SECTIONS) <= set(results)
-    for section in ("step", "reference", "memory", "exchange", "simulation"):
+    for section in ("step", "reference", "memory", "exchange", "simulation", "ranks"):
         assert results[section], section
         assert all(math.isfinite(x) for x in finite_numbers(results[section])), section
     for r in results["step"]:
@@ -69,3 +69,12 @@ def test_memory_per_gaussian_is_at_least_the_arithmetic_minimum(results: dict):
         assert r["arithmetic_minimum"] == 944
         assert r["live_bytes_per_gaussian"] >= 944 and r["default_malloc_bytes_per_gaussian"] >= r["live_bytes_per_gaussian"] * 0.95
         assert r["planner_bytes_per_gaussian"] >= 944
+
+
+def test_ranks_section_counts_what_went_to_torch_distributed(results: dict):
+    for r in results["ranks"]:
+        assert r["ranks_step_s"]["min"] <= r["ranks_step_s"]["median"] <= r["ranks_step_s"]["max"]
+        counted, wire = r["ranks_bytes_counted"], r["ranks_bytes_wire"]
+        assert counted["remote_read"] > 0 and counted["reduce_scatter"] > 0
+        # one member per rank: every byte the exchange counts crosses a process boundary
+        assert all(counted[k] == wire.get(k, 0) for k in counted), (counted, wire)

@@ -53,5 +53,8 @@ def test_ranks_train_like_one_process(tmp_path: Path, one_process, world: int, l
             if torch.is_tensor(value):
                 assert torch.equal(got[key], value), f"rank {rank}: {key}"
                 assert torch.equal(got[key], one_process["cpu"][key]), f"rank {rank}: {key} (one member)"
-        # the remote reads and gradient reduce-scatter of the rasterizer really crossed the process boundary
+        # the remote reads and gradient reduce-scatter of the rasterizer really crossed the process boundary,
+        # and with one member per rank everything the exchange counted is what torch.distributed was handed
         assert got["wire"]["remote_read"] > 0 and got["wire"]["reduce_scatter"] > 0, (rank, got["wire"])
+        if local == "cpu":
+            assert got["exchange"] == {k: got["wire"].get(k, 0) for k in got["exchange"]}, (rank, got["exchange"], got["wire"])

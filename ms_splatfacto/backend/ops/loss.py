@@ -1,12 +1,12 @@
 """splatfacto's photometric loss, (1 - ssim_lambda) * L1 + ssim_lambda * (1 - SSIM), split into
 horizontal bands of tile rows, one band per member, as the reference method splits it.
 
-Each band computes partial sums over the rows it owns; only the sums travel to member 0, where they are
-divided by the global counts, so the result (and its gradient) equals the unbanded loss to float
-rounding. SSIM follows pytorch_msssim.SSIM(data_range=1.0, channel=3) exactly: an 11-tap gaussian
+Each band computes partial sums over the rows it owns, divided by the global counts, so the result
+(and its gradient) equals the unbanded loss to float rounding. The rendered image is an ordinary
+tensor that every rank holds (the tile rasterizer assembles it), so every rank computes every band and
+nothing moves here; a band's rows and halo are what a member will need once images stay split. SSIM follows pytorch_msssim.SSIM(data_range=1.0, channel=3) exactly: an 11-tap gaussian
 window (sigma 1.5, built in float32 then cast), "valid" separable convolution, K = (0.01, 0.03). Its
-map row i reads input rows [i, i + 10], so a band reads a 10-row halo from the band(s) below it; the
-halo and the partial sums are counted by the exchange module.
+map row i reads input rows [i, i + 10], so a band reads a 10-row halo from the band(s) below it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import even_bounds
 
 WIN_SIZE = 11
@@ -94,7 +93,6 @@ def banded_l1_ssim(
     halo = WIN_SIZE - 1 if rows else 0
     map_h, map_w = h - halo, w - (WIN_SIZE - 1 if cols else 0)
     win = gaussian_window(pred.dtype, pred.device)
-    halo_row_bytes = 2 * n * w * 3 * pred.element_size()  # one row of pred and one of gt
     members = len(bands) - 1
     l1_sums, ssim_sums = [], []
     for d in range(members):
@@ -107,9 +105,6 @@ def banded_l1_ssim(
             x = gt4[:, lo : end + halo].permute(0, 3, 1, 2)
             y = pred4[:, lo : end + halo].permute(0, 3, 1, 2)
             ssim_sums.append(ssim_map(x, y, win, rows, cols).sum())
-            for e in range(d + 1, members):
-                exchange.record(e, d, max(0, min(end + halo, bands[e + 1]) - max(hi, bands[e])) * halo_row_bytes)
-        exchange.record(d, 0, 2 * pred.element_size())
     l1 = torch.stack(l1_sums).sum() / (n * h * w * 3)
     ssim = torch.stack(ssim_sums).sum() / (n * 3 * map_h * map_w)
     return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim)
