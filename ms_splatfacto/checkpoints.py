@@ -169,6 +169,7 @@ def read_checkpoint(path: Path, members: Optional[Members] = None) -> Dict[str, 
     corrupt checkpoint, one that is not a nerfstudio checkpoint, and one written by another method or
     format. A sharded one comes back with ordinary tensors in one process, and under torch.distributed
     (every rank calls this) with its per-Gaussian rows striped over `members`, each rank reading its own."""
+    path = Path(path)
     if sharded_checkpoint.is_sharded(path):
         try:
             loaded = sharded_checkpoint.load(path, members)

@@ -1,8 +1,8 @@
 """Checkpoints of a multi-rank run with torch.distributed.checkpoint (DCP): each rank writes the rows it
 holds of every aggregate tensor, nobody gathers the model.
 
-A sharded checkpoint is a DCP folder. Its entries are "skeleton" (the checkpoint dict, written once,
-with every aggregate tensor replaced by {"__rows__": "rows/<k>"}) and one global tensor "rows/<k>" per
+A sharded checkpoint is a DCP folder. Its entries are "skeleton" (the checkpoint dict torch.save'd
+into a uint8 tensor, written once, with every aggregate tensor replaced by {"__rows__": "rows/<k>"}) and one global tensor "rows/<k>" per
 aggregate, whose chunks are the writers' row ranges (DCP's metadata records them, so the uneven row
 layout needs no padding). Loading asks DCP for the rows the loading rank's members own, whatever
 layout wrote them: DCP reads only the overlapping ranges of the written chunks.
@@ -21,7 +21,6 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ms_splatfacto.backend.aggregate import world
@@ -30,6 +29,8 @@ from ms_splatfacto.backend.aggregate.members import Members
 from ms_splatfacto.backend.aggregate.storage import storage_for
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
 
+SKELETON = "skeleton"
+"""The checkpoint dict with placeholders for the rows, torch.save'd into one uint8 tensor."""
 ROWS = "__rows__"
 """Key of the placeholder that stands for an aggregate tensor in the skeleton."""
 METADATA = ".metadata"
@@ -104,9 +105,11 @@ def save(state: Dict[str, Any], final: Path, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    entries = {"skeleton": skeleton, **{k: v for k, v in rows.items() if v.shape[0] > 0}}
-    planner = DefaultSavePlanner(flatten_state_dict=False)  # the skeleton stays one entry
-    dcp.save(entries, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), planner=planner, no_dist=not world.active())
+    buffer = io.BytesIO()
+    torch.save(skeleton, buffer)  # one entry of bytes: DCP would take nested dicts apart (and drop empty ones)
+    entries = {SKELETON: torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)}
+    entries.update({k: v for k, v in rows.items() if v.shape[0] > 0})
+    dcp.save(entries, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=not world.active())
     barrier()  # every rank's files are on disk
     if world.rank() == 0:
         if final.exists():
@@ -118,18 +121,6 @@ def save(state: Dict[str, Any], final: Path, tmp: Path) -> None:
         finally:
             os.close(fd)
     barrier()
-
-
-class _Planner(DefaultLoadPlanner):
-    """DCP's planner with the skeleton as one entry, read with torch.load(weights_only=True): it holds
-    only plain values and tensors."""
-
-    def __init__(self) -> None:
-        super().__init__(flatten_state_dict=False)
-        self.skeleton: Any = None
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        self.skeleton = torch.load(value, weights_only=True)
 
 
 def load(path: Path, members: Optional[Members] = None) -> Dict[str, Any]:
@@ -146,7 +137,9 @@ def load(path: Path, members: Optional[Members] = None) -> Dict[str, Any]:
     striped = world.active()
     if striped and members is None:
         raise ValueError("Loading a sharded checkpoint on several ranks needs the members to stripe it over")
-    wanted: Dict[str, Any] = {"skeleton": None}
+    if not isinstance(metadata.state_dict_metadata.get(SKELETON), TensorStorageMetadata):
+        raise CheckpointError(f"{path} holds no {SKELETON} entry; it is not a sharded ms-splatfacto checkpoint")
+    wanted: Dict[str, Any] = {SKELETON: torch.empty(tuple(metadata.state_dict_metadata[SKELETON].size), dtype=torch.uint8)}
     layouts: Dict[str, Layout] = {}
     for key, md in metadata.state_dict_metadata.items():
         if not key.startswith("rows/") or not isinstance(md, TensorStorageMetadata):
@@ -160,9 +153,9 @@ def load(path: Path, members: Optional[Members] = None) -> Dict[str, Any]:
         if stop > first:
             wanted[key] = _mark(torch.empty((stop - first, *shape[1:]), dtype=md.properties.dtype), first, shape)
     try:
-        planner = _Planner()
-        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)), planner=planner, no_dist=not striped)
-    except Exception as err:  # a missing or truncated shard file; DCP names it (wrapped per rank)
+        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not striped)
+        skeleton = torch.load(io.BytesIO(wanted[SKELETON].numpy().tobytes()), weights_only=True)
+    except (Exception, dcp.CheckpointException) as err:  # a missing or truncated shard file, wrapped per rank by DCP
         raise CheckpointError(f"cannot read the shards of {path} ({_first_line(err)}); it may be truncated") from None
     rows: Dict[str, torch.Tensor] = {}
     for key, md in metadata.state_dict_metadata.items():
@@ -171,7 +164,7 @@ def load(path: Path, members: Optional[Members] = None) -> Dict[str, Any]:
             rows[key] = _from_local_rows(local, layouts[key])
         elif key.startswith("rows/"):
             rows[key] = wanted[key].detach()  # a new tensor object, without DCP's marks
-    return _join(planner.skeleton, rows)
+    return _join(skeleton, rows)
 
 
 def _from_local_rows(local: torch.Tensor, layout: Layout) -> AggregateTensor:
