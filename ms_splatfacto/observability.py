@@ -28,18 +28,20 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn
 from rich.table import Table
 
 from ms_splatfacto.backend.aggregate import exchange_counts, is_aggregate
+from ms_splatfacto.backend.aggregate.exchange import sum_over_ranks
 
 T = TypeVar("T")
 
 
 def _chunk_bytes(t: Optional[torch.Tensor], n_members: int) -> List[int]:
-    """Bytes of each member's rows of `t` (an ordinary tensor counts as member 0's)."""
+    """Bytes of each of this rank's members' rows of `t` (an ordinary tensor counts as member 0's)."""
     out = [0] * n_members
     if t is None or not torch.is_tensor(t):
         return out
     if is_aggregate(t):
         for d, chunk in enumerate(t.chunks):
-            out[d] += chunk.numel() * chunk.element_size()
+            if chunk is not None:
+                out[d] += chunk.numel() * chunk.element_size()
     else:
         out[0] += t.numel() * t.element_size()
     return out
@@ -60,7 +62,7 @@ def member_memory(model) -> List[int]:
     tensors += [v for v in model.strategy_state.values() if torch.is_tensor(v) and v.dim() > 0]
     for t in tensors:
         total = [a + b for a, b in zip(total, _chunk_bytes(t, n))]
-    return total
+    return sum_over_ranks(model.members, total)  # each rank knows its own members' bytes
 
 
 def member_counts(model) -> List[int]:
@@ -87,6 +89,8 @@ class MemberMonitor:
             if src < n and dst < n:
                 sent[src] += delta
                 received[dst] += delta
+        both = sum_over_ranks(self.model.members, sent + received)  # each rank counts what its members sent
+        sent, received = both[:n], both[n:]
         self.last = {
             "gaussians": member_counts(self.model),
             "memory_MB": [b / 1e6 for b in member_memory(self.model)],

@@ -13,6 +13,7 @@ import torch
 
 from ms_splatfacto.backend.aggregate import exchange_totals, reset_exchange, to_plain, wire_totals
 from ms_splatfacto.model import GAUSSIAN_PARAMS
+from ms_splatfacto.observability import member_memory
 from tests.ranks import run_ranks
 from tests.test_model_step import train_steps
 
@@ -33,6 +34,7 @@ def snapshot(spec: str) -> Dict[str, object]:
         if torch.is_tensor(value) and value.dim() > 0:
             out["strategy " + key] = to_plain(value)
     out["exchange"], out["wire"] = exchange_totals(), wire_totals()
+    out["member_memory"] = member_memory(model)  # a collective: every rank's members, numbered globally
     return out
 
 
@@ -46,15 +48,21 @@ def test_ranks_train_like_one_process(tmp_path: Path, one_process, world: int, l
     reference = one_process[same_as]
     assert reference["log"][-1][1] > reference["log"][0][1], "the refinement should have grown the model"
     assert one_process["cpu"]["log"] == one_process["cpu:4"]["log"]
-    for rank, got in enumerate(run_ranks(world, snapshot, local, tmp=tmp_path)):
+    per_rank = run_ranks(world, snapshot, local, tmp=tmp_path)
+    # the remote reads and gradient reduce-scatter of the rasterizer really crossed the process boundary
+    assert sum(got["wire"].get("remote_read", 0) for got in per_rank) > 0
+    assert sum(got["wire"].get("reduce_scatter", 0) for got in per_rank) > 0
+    memory = [got["member_memory"] for got in per_rank]
+    members_total = world * (int(local.split(":")[1]) if ":" in local else 1)
+    assert memory[0] == memory[1] and len(memory[0]) == members_total
+    assert min(memory[0]) > 0 and sum(memory[0]) == sum(one_process[same_as]["member_memory"]), "the same bytes, wherever the rows live"
+    for rank, got in enumerate(per_rank):
         assert got["members"] == f"{world} ranks x {local}" and got["fallbacks"] == {}, rank
         assert got["log"] == reference["log"], rank
         for key, value in reference.items():
             if torch.is_tensor(value):
                 assert torch.equal(got[key], value), f"rank {rank}: {key}"
                 assert torch.equal(got[key], one_process["cpu"][key]), f"rank {rank}: {key} (one member)"
-        # the remote reads and gradient reduce-scatter of the rasterizer really crossed the process boundary,
-        # and with one member per rank everything the exchange counted is what torch.distributed was handed
-        assert got["wire"]["remote_read"] > 0 and got["wire"]["reduce_scatter"] > 0, (rank, got["wire"])
+        # with one member per rank everything the exchange counted is what torch.distributed was handed
         if local == "cpu":
             assert got["exchange"] == {k: got["wire"].get(k, 0) for k in got["exchange"]}, (rank, got["exchange"], got["wire"])

@@ -211,6 +211,14 @@ def member_counts(members, local: Mapping[int, int]) -> List[int]:
     return transport.gather_ints(members, local)
 
 
+def sum_over_ranks(members, values: Sequence[int]) -> List[int]:
+    """Element-wise sum over the ranks of each rank's integers (per-member figures each rank knows for
+    its own members), the same list on every rank; sizes travel as "meta"."""
+    if members.world_size == 1:
+        return [int(v) for v in values]
+    return transport.sum_ints(members, values)
+
+
 def replicate_counts(layout: Layout, bytes_per_row: int) -> None:
     """Count an all-gather of `layout`'s rows done without moving anything (one rank, one device)."""
     for s, count in enumerate(layout.counts):

@@ -110,3 +110,11 @@ def gather_ints(members, local: Mapping[int, int]) -> List[int]:
     _WIRE["meta"] += values.numel() * values.element_size()
     dist.all_reduce(values)
     return values.tolist()
+
+
+def sum_ints(members, values: Sequence[int]) -> List[int]:
+    """Element-wise sum over the ranks of each rank's integers: one small all-reduce."""
+    t = torch.tensor([int(v) for v in values], dtype=torch.long, device=_buffer_device(members.device))
+    _WIRE["meta"] += t.numel() * t.element_size()
+    dist.all_reduce(t)
+    return t.tolist()
