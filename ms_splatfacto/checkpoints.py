@@ -331,12 +331,15 @@ def install_eval_loader() -> None:
     """Let nerfstudio's `eval_setup` (ns-viewer, ns-eval, ns-export, ns-render) read sharded checkpoints.
 
     Its `eval_load_checkpoint` opens `step-N.ckpt` with torch.load, which cannot open a sharded folder;
-    this wraps it (once) so a folder is read here, in global row order, and a file as before."""
-    from nerfstudio.utils import eval_utils
+    this wraps it (once) so a folder is read here, in global row order, and a file as before. It does
+    nothing until eval_utils has been imported completely (it imports this plugin halfway through)."""
+    import sys
+
     from nerfstudio.utils.rich_utils import CONSOLE
 
-    original = eval_utils.eval_load_checkpoint
-    if getattr(original, "reads_sharded", False):
+    eval_utils = sys.modules.get("nerfstudio.utils.eval_utils")
+    original = getattr(eval_utils, "eval_load_checkpoint", None)
+    if original is None or getattr(original, "reads_sharded", False):
         return
 
     def eval_load_checkpoint(config, pipeline):

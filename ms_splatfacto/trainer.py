@@ -34,7 +34,7 @@ from ms_splatfacto.checkpoints import (
 from ms_splatfacto.data_checks import check_images_readable, preflight
 from ms_splatfacto.errors import InputError, TrainingStopped
 
-install_eval_loader()  # ns-viewer / ns-eval / ns-export load this trainer's config, so they read sharded checkpoints
+install_eval_loader()  # where eval_utils is already imported; else when eval_setup reads the config
 
 
 @dataclass
@@ -46,6 +46,12 @@ class MsTrainerConfig(TrainerConfig):
     """Consecutive training steps with a non-finite loss or gradient (each one skipped: no optimizer step, no densification statistics) after which training stops, naming the value that went bad first."""
     collective_timeout_s: float = 180.0
     """Under torchrun: seconds a rank waits for the others in a collective. A rank that died or hangs makes the others stop within it, with one line naming it; the last complete checkpoint stays loadable."""
+
+    def __setstate__(self, state) -> None:
+        """How `eval_setup` (ns-viewer, ns-eval, ns-export) builds this config from config.yml, once its
+        module is complete: the moment to let it read sharded checkpoints."""
+        install_eval_loader()
+        self.__dict__.update(state)
 
     def set_timestamp(self) -> None:
         """nerfstudio's first call after parsing: under torchrun, join the ranks here, so that every rank
