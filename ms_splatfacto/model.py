@@ -50,6 +50,8 @@ class MsSplatfactoModelConfig(SplatfactoModelConfig):
     _target: Type = field(default_factory=lambda: MsSplatfactoModel)
     devices: str = "auto"
     """Members of the aggregate device holding the Gaussians: 'auto' (the first GPU, else the CPU), 'cpu', 'cpu:N' (N virtual CPU members), 'cuda' (every visible GPU), 'cuda:0,1', 'cuda:0*4' (four virtual members on GPU 0)."""
+    storage: Literal["plain", "managed"] = "plain"
+    """Where the rows of several GPUs live: 'plain' (each member's chunk from PyTorch's caching allocator on its GPU, crossing members by explicit copies) or 'managed' (one unified-memory allocation per tensor, striped over the GPUs)."""
     kernels: Literal["auto", "cpu", "cuda", "reference"] = "auto"
     """Splatting kernels: 'auto' picks those of the device; 'reference' is the slow pure-PyTorch specification."""
     tile_size: int = 16
@@ -118,7 +120,7 @@ class MsSplatfactoModel(SplatfactoModel):
         """The aggregate device of the Gaussians. A spec this machine cannot meet (a GPU run's config
         opened on the CPU for viewing or export) falls back to the CPU; the trainer refuses it instead."""
         try:
-            return members(self.config.devices)
+            return members(self.config.devices, self.config.storage)
         except DeviceSpecError:
             return members("cpu")
 

@@ -107,7 +107,7 @@ def row_align(devices, world_size: int) -> int:
     return CPU_ROW_ALIGN if world_size > 1 and all(torch.device(d).type == "cpu" for d in devices) else 1
 
 
-def members(spec: str, storage: str = "managed", align: Optional[int] = None) -> Members:
+def members(spec: str, storage: str = "plain", align: Optional[int] = None) -> Members:
     """The Members for `spec` (one object per spec, storage mode and process group); refuses bad specs
     with DeviceSpecError. Under torch.distributed `spec` names this rank's members and every rank must
     call this together (the ranks' member lists are exchanged). Several GPUs in the managed mode
