@@ -7,15 +7,16 @@ The end-to-end torchrun runs are marked slow."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict
 
+import psutil
 import pytest
 import torch
 from nerfstudio.data.scene_box import SceneBox
@@ -265,8 +266,9 @@ def test_resume_through_ns_train_is_bit_identical(tmp_path: Path, lund_tiny: Pat
     assert_same(a, b)
 
 
-def torchrun(output: Path, data: Path, steps: int, *extra: str, port: int, nproc: int = 2, node: str = "", timeout: float = 600):
-    """`torchrun ... ns-train ms-splatfacto` on `nproc` ranks of one CPU member each (a Popen)."""
+def torchrun(output: Path, data: Path, steps: int, *extra: str, port: int, nproc: int = 2, node: str = ""):
+    """`torchrun ... ns-train ms-splatfacto` on `nproc` ranks of one CPU member each (a Popen whose output
+    goes to `output`/torchrun<node>.log: a pipe nobody reads would stall it)."""
     launcher = ["--nproc-per-node", str(nproc)] if not node else ["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", node,
                                                                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     if not node:
@@ -275,14 +277,16 @@ def torchrun(output: Path, data: Path, steps: int, *extra: str, port: int, nproc
             "--experiment-name", "lund_tiny", "--max-num-iterations", str(steps), *TRAIN_ARGS, *extra,
             "colmap", "--data", str(data), "--colmap-path", "sparse/0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MS_SPLATFACTO_BACKEND="gloo")
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / f"torchrun{node}.log", "w") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_trains_and_its_checkpoint_loads_in_one_process(tmp_path: Path, lund_tiny: Path):
     run = torchrun(tmp_path, lund_tiny, 20, "--pipeline.datamanager.camera-res-scale-factor", "0.5", port=free_port())
-    output, _ = run.communicate(timeout=900)
-    assert run.returncode == 0, output[-5000:]
+    run.wait(timeout=900)
+    assert run.returncode == 0, (tmp_path / "torchrun.log").read_text()[-5000:]
     (config,) = sorted(tmp_path.glob("lund_tiny/ms-splatfacto/*/config.yml"))  # one folder: rank 0's timestamp
     models = config.parent / "nerfstudio_models"
     path = models / "step-000000019.ckpt"
@@ -294,27 +298,42 @@ def test_torchrun_two_ranks_trains_and_its_checkpoint_loads_in_one_process(tmp_p
     assert (tmp_path / "export" / "splat.ply").is_file(), result.stdout[-2000:]
 
 
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.slow
 def test_killing_one_rank_stops_the_other_in_one_line_and_keeps_the_checkpoint(tmp_path: Path, lund_tiny: Path):
     port, timeout_s = free_port(), 30
     extra = ["--pipeline.datamanager.camera-res-scale-factor", "0.5", "--steps-per-save", "5", "--collective-timeout-s", str(timeout_s)]
-    agents = [torchrun(tmp_path, lund_tiny, 100000, *extra, port=port, node=str(n)) for n in range(2)]
+    agents = [torchrun(tmp_path, lund_tiny, 100000, *extra, port=port, node="0")]
     try:
+        while not _listening(port):  # the survivor's agent hosts the rendezvous store
+            assert agents[0].poll() is None, (tmp_path / "torchrun0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        agents.append(torchrun(tmp_path, lund_tiny, 100000, *extra, port=port, node="1"))
         deadline = time.monotonic() + 600
-        while not list(tmp_path.glob("lund_tiny/ms-splatfacto/*/nerfstudio_models/step-000000010.ckpt")):
-            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), "no checkpoint of step 10"
+        while not [p for p in tmp_path.glob("lund_tiny/ms-splatfacto/*/nerfstudio_models/step-*.ckpt") if p.name >= "step-000000010"]:
+            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), "no checkpoint of step 10 or later"
             time.sleep(1)
-        os.killpg(agents[1].pid, signal.SIGKILL)  # the second "machine": its agent and its rank
+        machine = psutil.Process(agents[1].pid)
+        for process in [machine, *machine.children(recursive=True)]:  # the second "machine": its agent and its rank
+            process.kill()
         killed = time.monotonic()
-        output, _ = agents[0].communicate(timeout=timeout_s + 120)
+        agents[0].wait(timeout=timeout_s + 120)
         assert time.monotonic() - killed < timeout_s + 60, "the survivor took too long to stop"
     finally:
         for a in agents:
-            if a.poll() is None:
-                os.killpg(a.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for process in [*psutil.Process(a.pid).children(recursive=True), psutil.Process(a.pid)]:
+                    process.kill()
     assert agents[0].returncode != 0
+    output = (tmp_path / "torchrun0.log").read_text()
     lines = [line for line in output.splitlines() if "ms-splatfacto: Rank 0 of 2 stopped" in line]
-    assert lines and "rank 1 died or did not answer" in lines[0], output[-5000:]
+    assert lines and "rank 1 died or did not answer" in lines[0], output[-8000:]
     (models,) = tmp_path.glob("lund_tiny/ms-splatfacto/*/nerfstudio_models")
     latest = checkpoint_path(models, None)
     loaded = read_checkpoint(latest)
