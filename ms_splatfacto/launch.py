@@ -136,7 +136,8 @@ def is_peer_failure(err: BaseException) -> bool:
 def _gist(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     telling = [line for line in lines if _PEER_FAILURE.search(line)] or lines or [type(err).__name__]
-    return re.sub(r"^\[[^\]]*\] ?", "", telling[-1])[:240]
+    gist = re.sub(r"^\[[^\]]*\] ?", "", telling[-1])
+    return gist.split(". This is typically caused")[0].rstrip(".")[:240]  # gloo's advice is not ours to give
 
 
 @contextlib.contextmanager
