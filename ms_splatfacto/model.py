@@ -34,8 +34,8 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from ms_splatfacto.backend import DeviceSpecError
-from ms_splatfacto.backend.aggregate import Members, members, parameter, to_plain
-from ms_splatfacto.backend.ops.loss import band_rows, banded_l1_ssim
+from ms_splatfacto.backend.aggregate import Members, is_aggregate, members, parameter, to_plain
+from ms_splatfacto.backend.ops.loss import band_rows, banded_l1_ssim, split_l1_ssim
 from ms_splatfacto.backend.ops.render import rasterization
 from ms_splatfacto.observability import member_callbacks
 from ms_splatfacto.strategy import MsStrategy
@@ -242,6 +242,7 @@ class MsSplatfactoModel(SplatfactoModel):
         else:
             colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
 
+        split = self.training and Ks.shape[0] == 1  # a training image stays with the members that render it
         render, alpha, self.info = rasterization(
             means=params["means"],
             quats=params["quats"],
@@ -258,6 +259,7 @@ class MsSplatfactoModel(SplatfactoModel):
             absgrad=self.strategy.absgrad,
             rasterize_mode=self.config.rasterize_mode,
             kernels=None if self.config.kernels == "auto" else self.config.kernels,
+            split_images=split,
         )
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
@@ -265,13 +267,15 @@ class MsSplatfactoModel(SplatfactoModel):
         background = self._get_background_color()
         rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
         if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
-            rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], height, width)
+            rgb = self._apply_bilateral_grid(to_plain(rgb).view(-1, height, width, 3), camera.metadata["cam_idx"], height, width)
         depth = None
         if render_mode == "RGB+ED":
             depth = render[..., 3:4]
             depth = torch.where(alpha > 0, depth, depth.detach().max())
         if not self.training:
             background = background.expand(height, width, 3)
+        if split:  # already [H, W, ...]: one camera's pixel rows, striped over the members
+            return {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background}
         if rgb.shape[0] == 1:  # nerfstudio's single-camera contract: [H, W, ...]
             rgb, alpha, depth = rgb[0], alpha[0], None if depth is None else depth[0]
         return {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background}
@@ -301,9 +305,12 @@ class MsSplatfactoModel(SplatfactoModel):
             mask = torch.stack([self._downscale_if_required(m) for m in masks]).to(self.device).reshape(gt_img.shape[:-1] + (1,))
             assert mask.shape[:-1] == gt_img.shape[:-1] == pred_img.shape[:-1]
             gt_img, pred_img = gt_img * mask, pred_img * mask
-        bands = band_rows(pred_img.shape[-3], len(self.members), self.config.tile_size)
         # In float64, so the bands' partial sums (and the halo rows' gradients) round once, like one band's.
-        main = banded_l1_ssim(pred_img.double(), gt_img.double(), self.config.ssim_lambda, bands)
+        if is_aggregate(pred_img):  # the members' own rows, with halo rows from the member below
+            main = split_l1_ssim(pred_img.double(), gt_img.double(), self.config.ssim_lambda)
+        else:
+            bands = band_rows(pred_img.shape[-3], len(self.members), self.config.tile_size)
+            main = banded_l1_ssim(pred_img.double(), gt_img.double(), self.config.ssim_lambda, bands)
         loss_dict = {"main_loss": main.to(pred_img.dtype)}
         if self.config.use_scale_regularization and self.step % 10 == 0:
             scale_exp = torch.exp(self.gauss_params["scales"])

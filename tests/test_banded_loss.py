@@ -137,3 +137,30 @@ def test_bad_dtype_and_band_arguments_raise():
         banded_l1_ssim(torch.rand(16, 16, 3), torch.rand(16, 16, 3, dtype=torch.float64), LAMBDA, [0, 16])
     with pytest.raises(AssertionError, match="members >= 1"):
         band_rows(16, 0, 16)
+
+
+@pytest.mark.parametrize("spec", ["cpu", "cpu:2", "cpu:3", "cpu:4"])
+def test_split_loss_where_the_pixels_are_equals_the_banded_loss(spec: str):
+    """Each member's rows of an aggregate image, halo rows read from the member below: the same loss as
+    the banded loss with those bands (bit for bit) and gradient as one band (to float64 rounding); only
+    partial sums and halo rows move."""
+    from ms_splatfacto.backend.aggregate import aggregate, members, to_plain
+    from ms_splatfacto.backend.aggregate.layout import Layout
+    from ms_splatfacto.backend.aggregate.redistribute import relayout
+    from ms_splatfacto.backend.ops.loss import split_l1_ssim
+
+    pred0, gt = images((48, 40, 3), torch.float64, seed=4)
+    ref = pred0.clone().requires_grad_(True)
+    expected = banded_l1_ssim(ref, gt, LAMBDA, [0, 48])
+    expected.backward()
+    m = members(spec)
+    bands = band_rows(48, len(m), 16)
+    same_bands = banded_l1_ssim(pred0, gt, LAMBDA, bands)
+    pred = relayout(aggregate(pred0, m), Layout(tuple(bands), m)).requires_grad_(True)
+    exchange.reset_exchange()
+    got = split_l1_ssim(pred, gt, LAMBDA)
+    got.backward()
+    assert got.item() == same_bands.item()
+    torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(to_plain(pred.grad), ref.grad, rtol=1e-12, atol=1e-15)
+    assert (exchange.exchange_totals()["other"] > 0) == (len(m) > 1)

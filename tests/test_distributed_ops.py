@@ -133,9 +133,9 @@ def visibility_count(scene: dict, members: int, channels: int, absgrad: bool) ->
     tile_w, tile_h = math.ceil(width / tile), math.ceil(height / tile)
     tile_min, tile_max = reference.tile_bounds(means2d, radii, tile, tile_w, tile_h)
     total_tiles = C * tile_w * tile_h
-    # even contiguous ranges of tiles and of rows, the first ones one longer
-    base, extra = divmod(total_tiles, members)
-    starts = [d * base + min(d, extra) for d in range(members + 1)]
+    # even contiguous ranges of whole tile rows (camera-major) and of Gaussian rows, the first ones one longer
+    base, extra = divmod(C * tile_h, members)
+    starts = [(d * base + min(d, extra)) * tile_w for d in range(members + 1)]
     renderer = [next(d for d in range(members) if starts[d] <= t < starts[d + 1]) for t in range(total_tiles)]
     rows_base, rows_extra = divmod(N, members)
     row_starts = [d * rows_base + min(d, rows_extra) for d in range(members + 1)]
@@ -153,7 +153,7 @@ def visibility_count(scene: dict, members: int, channels: int, absgrad: bool) ->
     return {"remote_read": pairs * record, "reduce_scatter": 2 * pairs * (record + (8 if absgrad else 0))}
 
 
-@pytest.mark.parametrize("members", [2, 4])
+@pytest.mark.parametrize("members", [2, 3, 4])  # 3 members: ranges of tile rows differ from ranges of tiles
 def test_exchange_bytes_match_a_count_from_visibility(members: int):
     scene = random_scene(n=250, cameras=2, dtype=torch.float32)
     agg = {k: parameter(v, f"cpu:{members}") if k in GAUSSIAN_INPUTS else v for k, v in scene.items()}

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ms_splatfacto.backend.aggregate import exchange
+from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, wrap
+
 from ms_splatfacto.backend.aggregate.layout import even_bounds
 
 WIN_SIZE = 11
@@ -108,3 +111,93 @@ def banded_l1_ssim(
     l1 = torch.stack(l1_sums).sum() / (n * h * w * 3)
     ssim = torch.stack(ssim_sums).sum() / (n * 3 * map_h * map_w)
     return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim)
+
+
+def split_l1_ssim(
+    pred: AggregateTensor,  # [H, W, 3], rows striped over the members that rendered them
+    gt: Tensor,  # [H, W, 3] ordinary: each member reads its own rows
+    ssim_lambda: float,
+) -> Tensor:  # scalar, the same on every rank
+    """`banded_l1_ssim` where the pixels are: each member's band is its rows of `pred`; it sums |gt -
+    pred| over them and the SSIM map over the map rows starting in them, reading the 10 halo rows below
+    from their owners through the exchange. Only the partial sums travel (to every rank); in backward
+    each member hands the halo rows' gradients back to their owners."""
+    h, w = pred.shape[0], pred.shape[1]
+    assert pred.shape == gt.shape and pred.dim() == 3 and pred.shape[-1] == 3, (
+        f"pred and gt must be [H, W, 3], got {tuple(pred.shape)}, {tuple(gt.shape)}"
+    )
+    assert pred.dtype == gt.dtype and pred.is_floating_point(), f"pred and gt must share a floating dtype, got {pred.dtype}, {gt.dtype}"
+    assert h > 0 and w > 0, f"images must not be empty, got {tuple(pred.shape)}"
+    rows, cols = h >= WIN_SIZE, w >= WIN_SIZE
+    map_h, map_w = h - (WIN_SIZE - 1 if rows else 0), w - (WIN_SIZE - 1 if cols else 0)
+    l1_sum, ssim_sum = _SplitSums.apply(gt, rows, cols, map_h, pred)
+    l1 = l1_sum / (h * w * 3)
+    ssim = ssim_sum / (3 * map_h * map_w)
+    return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim)
+
+
+class _SplitSums(torch.autograd.Function):
+    """(sum of |gt - pred|, sum of the SSIM map), each the sum of the members' partials in member order."""
+
+    @staticmethod
+    def forward(ctx, gt: Tensor, rows: bool, cols: bool, map_h: int, pred: AggregateTensor):
+        layout = pred._layout
+        m = layout.members
+        halo = WIN_SIZE - 1 if rows else 0
+        bands = layout.bounds
+        wanted = {}
+        for r in m.local:  # the halo rows below the band, for the map rows starting in it
+            lo, hi = bands[r], bands[r + 1]
+            end = min(hi, map_h)
+            stop = min(end + halo, pred.shape[0]) if end > lo else hi
+            wanted[r] = torch.arange(hi, max(hi, stop), device=m.devices[r])
+        halos = exchange.request_rows(m, wanted, layout, pred.chunks)
+        win = gaussian_window(pred.dtype, m.device)
+        ctx.graphs, ctx.layout, ctx.wanted = [], layout, wanted
+        l1_parts, ssim_parts = {}, {}
+        for r in m.local:
+            lo, hi = bands[r], bands[r + 1]
+            own = pred.chunks[r].detach().requires_grad_(True)
+            below = halos[r].detach().requires_grad_(True)
+            x = exchange.to_member(gt[lo : hi + below.shape[0]], r, layout)[None]
+            with torch.enable_grad():
+                l1 = (x[:, : hi - lo] - own[None]).abs().sum() if hi > lo else own.sum() * 0
+                end = min(hi, map_h)
+                if end > lo:
+                    y = torch.cat([own, below])[None]
+                    ssim = ssim_map(x.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), win.to(own.device), rows, cols).sum()
+                else:
+                    ssim = own.sum() * 0
+            ctx.graphs.append((r, own, below, l1, ssim))
+            l1_parts[r], ssim_parts[r] = l1.detach()[None], ssim.detach()[None]
+        holders = [d for d in range(len(m)) if bands[d + 1] > bands[d]]
+        starts_map = [d for d in holders if min(bands[d + 1], map_h) > bands[d]]
+        l1_all = exchange.replicate(m, {r: l1_parts[r][: int(r in holders)] for r in m.local},
+                                    rows_per_member=[int(d in holders) for d in range(len(m))])
+        ssim_all = exchange.replicate(m, {r: ssim_parts[r][: int(r in starts_map)] for r in m.local},
+                                      rows_per_member=[int(d in starts_map) for d in range(len(m))])
+        l1_sum = torch.cat([l1_all[d] for d in holders]).sum()
+        ssim_sum = torch.cat([ssim_all[d] for d in starts_map]).sum()
+        return l1_sum, ssim_sum
+
+    @staticmethod
+    def backward(ctx, g_l1: Tensor, g_ssim: Tensor):
+        layout = ctx.layout
+        m = layout.members
+        n = len(m)
+        grads, back = {}, {}
+        for r, own, below, l1, ssim in ctx.graphs:
+            g_own, g_below = torch.autograd.grad([l1, ssim], [own, below], [g_l1.to(own.device), g_ssim.to(own.device)], allow_unused=True)
+            grads[r] = torch.zeros_like(own) if g_own is None else g_own
+            g_below = torch.zeros_like(below) if g_below is None else g_below
+            owners = layout.owners(ctx.wanted[r])
+            back[r] = [g_below[owners == s] for s in range(n)]
+        ctx.graphs = []
+        got = exchange.all_to_all(m, back)
+        for s in m.local:
+            for r in range(n):  # halo gradients from the members above, in member order
+                piece = got[s][r]
+                if piece.shape[0]:
+                    grads[s][: piece.shape[0]] += piece.to(grads[s].device)
+        pred_grad = wrap(layout, chunks=[grads.get(d) for d in range(n)])
+        return None, None, None, None, pred_grad

@@ -48,11 +48,13 @@ def rasterization(
     absgrad: bool = False,
     rasterize_mode: Literal["classic", "antialiased"] = "classic",
     kernels: Optional[str] = None,
+    split_images: bool = False,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
     """Render C cameras from Gaussians on the aggregate device (ordinary tensors count as one member).
 
     Same images as `gsplat.rasterization(..., packed=False)`: colours [C, H, W, D'] and alphas
-    [C, H, W, 1] (ordinary tensors on member 0). The info dict is Gaussian-major: "means2d" [N, C, 2]
+    [C, H, W, 1] (ordinary tensors on every rank), or with `split_images` [C * H, W, D'] and
+    [C * H, W, 1] aggregates whose rows (camera-major pixel rows) stay on the members that rendered them. The info dict is Gaussian-major: "means2d" [N, C, 2]
     (its gradient, and `absgrad` with `absgrad=True`, are what densification reads), "radii" [N, C],
     "depths", "conics", "opacities" as aggregates, plus "width", "height", "n_cameras", "tile_plan".
     """
@@ -97,7 +99,7 @@ def rasterization(
     )
     plan = plan_tiles(kernel_set, means2d, radii, depths, width, height, tile_size)
     render_colors, render_alphas = tile_rasterize(
-        plan, kernel_set, means2d, conics, feats, opac, backgrounds_for(backgrounds, render_mode), absgrad
+        plan, kernel_set, means2d, conics, feats, opac, backgrounds_for(backgrounds, render_mode), absgrad, split_images
     )
     render_colors = expected_depth(render_colors, render_alphas, render_mode)
     info = {

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout, even_bounds
-from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, wrap
+from ms_splatfacto.backend.aggregate.redistribute import relayout
+from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
 
 
 @dataclass
@@ -82,11 +83,20 @@ class TilePlan:
     tile_size: int
     tile_width: int
     tile_height: int
-    tile_bounds: List[int]  # [members + 1] in camera-major tile order
+    tile_bounds: List[int]  # [members + 1] in camera-major tile order, at whole tile rows
     work: List[Optional[MemberTiles]]  # per member: None for members without tiles or of other ranks
     serve: Dict[int, List[Tensor]]  # local owner s -> [n]: its flat records each member r reads, in r's order
     pixel_owner: Tensor  # [C, H, W] the member rendering each pixel
     n_isects: int
+
+    def pixel_row_bounds(self) -> List[int]:
+        """[members + 1]: member r renders rows [b[r], b[r+1]) of the [C * H] pixel rows (camera-major)."""
+        def pixel_row(tile: int) -> int:
+            tile_row = tile // self.tile_width
+            camera, row = divmod(tile_row, self.tile_height)
+            return camera * self.height + min(row * self.tile_size, self.height)
+
+        return [pixel_row(t) for t in self.tile_bounds]
 
     def remote_page_bytes(self, record_bytes: List[int], page_bytes: int = 4096) -> int:
         """Remote reads at page granularity: the bytes of every page of another member's record arrays
@@ -121,7 +131,7 @@ def plan_tiles(
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     per_camera = tile_width * tile_height
     tile_bits = per_camera.bit_length()
-    tile_bounds = even_bounds(C * per_camera, n_members)
+    tile_bounds = [rows * tile_width for rows in even_bounds(C * tile_height, n_members)]  # whole tile rows
     send: Dict[int, List[Tensor]] = {}
     for s in m.local:
         device = m.devices[s]
@@ -256,10 +266,41 @@ def _assemble(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: t
     return image
 
 
+def _split(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torch.dtype) -> AggregateTensor:
+    """The [C * H, W, channels] image as an aggregate over pixel rows: each member keeps the rows of
+    its tiles, nothing moves."""
+    m = plan.layout.members
+    bounds = plan.pixel_row_bounds()
+    chunks: List[Optional[Tensor]] = [None] * len(m)
+    for r in m.local:
+        work = plan.work[r]
+        if work is None:
+            chunks[r] = torch.zeros((0, plan.width, channels), dtype=dtype, device=m.devices[r])
+            continue
+        first = work.cam_lo * plan.height
+        chunks[r] = images[r].reshape(-1, plan.width, channels)[bounds[r] - first : bounds[r + 1] - first].contiguous()
+    return wrap(Layout(tuple(bounds), m), chunks=chunks)
+
+
+def _member_rows(plan: TilePlan, v: Tensor, r: int) -> Tensor:
+    """Local member r's share of an image gradient ([C, H, W, K] ordinary, or [C * H, W, K] aggregate over
+    pixel rows) as its [C_r, H, W, K] frames: ordinary ones are on every rank; aggregate ones are in
+    the image's layout, so r's rows are its own."""
+    work = plan.work[r]
+    layout = plan.layout
+    if not is_aggregate(v):
+        return exchange.to_member(v[work.cam_lo : work.cam_hi + 1], r, layout)
+    bounds = plan.pixel_row_bounds()
+    frames = torch.zeros((work.n_cameras * plan.height, plan.width, v.shape[-1]), dtype=v.dtype, device=layout.members.devices[r])
+    first = work.cam_lo * plan.height
+    frames[bounds[r] - first : bounds[r + 1] - first] = v.chunks[r]
+    return frames.view(work.n_cameras, plan.height, plan.width, v.shape[-1])
+
+
 class _TileRasterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: TilePlan, kernels: ModuleType, backgrounds: Optional[Tensor], absgrad: bool, track: bool,
-                means2d, conics, colors, opacities):
+                split: bool, means2d, conics, colors, opacities):
         layout = plan.layout
         m = layout.members
         fields = (means2d, conics, colors, opacities)
@@ -282,25 +323,30 @@ class _TileRasterize(torch.autograd.Function):
             images[r] = torch.cat([colors_r, alphas_r], dim=-1).detach()
             if track:
                 ctx.graphs.append((r, mine, colors_r, alphas_r, sums))
-        both = _assemble(plan, images, D + 1, colors.dtype, m.device)
         ctx.plan, ctx.absgrad, ctx.means2d, ctx.kernels = plan, absgrad, means2d, kernels
         ctx.row_shapes = [tuple(f.shape[1:]) for f in fields] + [tuple(means2d.shape[1:])]
         ctx.dtype = colors.dtype
+        if split:
+            return (_split(plan, {r: i[..., :D] for r, i in images.items()}, D, colors.dtype),
+                    _split(plan, {r: i[..., D:] for r, i in images.items()}, 1, colors.dtype))
+        both = _assemble(plan, images, D + 1, colors.dtype, m.device)
         return both[..., :D].contiguous(), both[..., D:].contiguous()
 
     @staticmethod
-    def backward(ctx, v_render: Tensor, v_alphas: Tensor):  # [C, H, W, D], [C, H, W, 1], the same on every rank
+    def backward(ctx, v_render: Tensor, v_alphas: Tensor):  # [C, H, W, D], [C, H, W, 1] or [C * H, W, ...] aggregates
         plan: TilePlan = ctx.plan
         layout = plan.layout
         m = layout.members
+        image_layout = Layout(tuple(plan.pixel_row_bounds()), m)
+        v_render, v_alphas = (relayout(v, image_layout) if is_aggregate(v) else v for v in (v_render, v_alphas))
         n_fields = 5 if ctx.absgrad else 4  # means2d, conics, colors, opacities (, means2d absgrad)
         partials: Dict[int, List[Optional[Tensor]]] = {}
         for r, records, colors_r, alphas_r, sums in ctx.graphs:
             work = plan.work[r]
-            cams = slice(work.cam_lo, work.cam_hi + 1)
-            g_render = exchange.to_member(v_render[cams], r, layout) * work.pixels
-            g_alpha = exchange.to_member(v_alphas[cams], r, layout) * work.pixels
-            exchange.record(m.host, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
+            g_render = _member_rows(plan, v_render, r) * work.pixels
+            g_alpha = _member_rows(plan, v_alphas, r) * work.pixels
+            if not is_aggregate(v_render):  # read from the rank's copy of the image gradient
+                exchange.record(m.host, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
             pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
             found = list(
                 torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
@@ -324,7 +370,7 @@ class _TileRasterize(torch.autograd.Function):
         if ctx.absgrad:
             ctx.means2d.absgrad = out[4]
         ctx.means2d = None
-        return (None, None, None, None, None, *out[:4])
+        return (None, None, None, None, None, None, *out[:4])
 
 
 def _reduce_scatter(
@@ -373,13 +419,16 @@ def tile_rasterize(
     opacities: AggregateTensor,  # [N, C]
     backgrounds: Optional[Tensor] = None,  # [C, D], not differentiated
     absgrad: bool = False,
+    split_images: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Render the plan's cameras: colours [C, H, W, D] and alphas [C, H, W, 1], ordinary tensors on
-    every rank. Backward gives aggregate gradients for the four record fields and, with `absgrad`, sets
-    `means2d.absgrad` ([N, C, 2] aggregate) as gsplat's kernels do."""
+    every rank; with `split_images`, [C * H, W, D] and [C * H, W, 1] aggregates over pixel rows, each
+    member holding the rows it rendered (nothing assembled). Backward gives aggregate gradients for the
+    four record fields and, with `absgrad`, sets `means2d.absgrad` ([N, C, 2] aggregate) as gsplat's
+    kernels do."""
     N, C = opacities.shape
     D = colors.shape[2]
     assert means2d.shape == (N, C, 2) and conics.shape == (N, C, 3) and colors.shape == (N, C, D), "records must be [N, C, ...]"
     assert backgrounds is None or backgrounds.shape == (C, D), f"backgrounds must be [{C}, {D}]"
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, colors, opacities))
-    return _TileRasterize.apply(plan, kernels, backgrounds, absgrad, track, means2d, conics, colors, opacities)
+    return _TileRasterize.apply(plan, kernels, backgrounds, absgrad, track, split_images, means2d, conics, colors, opacities)
