@@ -40,7 +40,7 @@ def grendel_count(info: Dict, members: int, channels: int = 3) -> Dict[str, int]
     tx = tile_min.reshape(-1, 2)[flat, 0].long() + k % w
     ty = tile_min.reshape(-1, 2)[flat, 1].long() + k // w
     key = (flat // N) * (tw * th) + ty * tw + tx  # camera-major tile number
-    renderer = torch.bucketize(key, torch.tensor(even_bounds(C * tw * th, members)[1:-1]), right=True)
+    renderer = torch.bucketize(key, torch.tensor([b * tw for b in even_bounds(C * th, members)][1:-1]), right=True)  # whole tile rows
     pairs = torch.unique(flat * members + renderer)
     owner = torch.bucketize((pairs // members) % N, torch.tensor(bounds[1:-1], dtype=torch.long), right=True)
     remote = int((owner != pairs % members).sum())
