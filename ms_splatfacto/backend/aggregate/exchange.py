@@ -101,7 +101,7 @@ def all_to_all(
             record(s, r, nbytes(pieces[r]), kind)
     if members.world_size > 1:
         if rows is None:
-            rows = transport.exchange_rows(members, send, {s: [p.shape[0] for p in send[s]] for s in members.local})
+            rows = transport.exchange_rows(members, {s: [p.shape[0] for p in send[s]] for s in members.local})
         transport.all_to_all(members, send, rows, recv, trailing, dtype, kind, record)
     return recv  # type: ignore[return-value]
 
@@ -208,7 +208,7 @@ def member_counts(members, local: Mapping[int, int]) -> List[int]:
     """Every member's integer (a row count), from each rank's own members' (sizes travel as "meta")."""
     if members.world_size == 1:
         return [int(local[d]) for d in range(len(members))]
-    return transport.gather_ints(members, local)
+    return transport.sum_ints(members, [int(local[d]) if members.is_local(d) else 0 for d in range(len(members))])
 
 
 def sum_over_ranks(members, values: Sequence[int]) -> List[int]:

@@ -38,7 +38,6 @@ def _as_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def exchange_rows(
     members,
-    send: Mapping[int, Sequence[torch.Tensor]],  # local s -> [n] pieces ([rows, *trailing] each)
     local_rows: Mapping[int, Sequence[int]],  # local s -> [n] row counts it sends (its row of the matrix)
 ) -> List[List[int]]:
     """The full [n, n] matrix of row counts (s sends rows[s][r] to r), every rank filling its members'
@@ -100,16 +99,6 @@ def all_to_all(
                 piece = output[offset : offset + nbytes].view(dtype).view(rows[s][r], *trailing)
                 recv[r][s] = piece.to(members.devices[r])
                 offset += nbytes
-
-
-def gather_ints(members, local: Mapping[int, int]) -> List[int]:
-    """Every member's integer, each rank filling its own members' entries: one small all-reduce."""
-    values = torch.zeros(len(members), dtype=torch.long, device=_buffer_device(members.device))
-    for d in members.local:
-        values[d] = int(local[d])
-    _WIRE["meta"] += values.numel() * values.element_size()
-    dist.all_reduce(values)
-    return values.tolist()
 
 
 def sum_ints(members, values: Sequence[int]) -> List[int]:
