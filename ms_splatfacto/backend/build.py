@@ -17,7 +17,9 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 EXTENSION_NAME = "ms_splatfacto_cpu"
-BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_BUILD_DIR", CSRC.parent / ".build" / "cpu"))
+BUILD_ROOT = CSRC.parent / ".build"
+"""Where compiled kernels are cached, one folder per extension."""
+BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_BUILD_DIR", BUILD_ROOT / "cpu"))
 """Where the compiled kernels are cached (set MS_SPLATFACTO_BUILD_DIR to move it)."""
 
 

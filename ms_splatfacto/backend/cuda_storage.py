@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ms_splatfacto.backend.build import CSRC, KernelBuildError, build_extension
+from ms_splatfacto.backend.build import BUILD_ROOT, CSRC, KernelBuildError, build_extension
 
 EXTENSION_NAME = "ms_splatfacto_cuda"
-CUDA_BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_CUDA_BUILD_DIR", CSRC.parent / ".build" / "cuda"))
+CUDA_BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_CUDA_BUILD_DIR", BUILD_ROOT / "cuda"))
 """Where the compiled allocator is cached (set MS_SPLATFACTO_CUDA_BUILD_DIR to move it)."""
 DEFAULT_ARCH = "90"
 """Compute capability `nvcc_compile_check` targets by default (H100/H200)."""
