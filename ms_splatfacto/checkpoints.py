@@ -320,11 +320,14 @@ def repoint_optimizers(optimizers, param_groups: Dict[str, list]) -> None:
 
 
 def first_nonfinite(named: Iterable[Tuple[str, Optional[Tensor]]]) -> Optional[str]:
-    """The name of the first tensor holding a NaN or an infinity (None tensors are skipped)."""
-    for name, t in named:
-        if t is not None and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+    """The name of the first tensor holding a NaN or an infinity (None tensors are skipped). The flags
+    of all tensors are read on the host at once: one wait for the device per call, not one per tensor."""
+    named = [(name, t) for name, t in named if t is not None]
+    if not named:
+        return None
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device, non_blocking=True) for _, t in named]).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
 
 
 def install_eval_loader() -> None:

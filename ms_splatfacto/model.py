@@ -34,8 +34,8 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from ms_splatfacto.backend import DeviceSpecError
-from ms_splatfacto.backend.aggregate import Members, is_aggregate, members, parameter, to_plain
-from ms_splatfacto.backend.ops.loss import band_rows, banded_l1_ssim, split_l1_ssim
+from ms_splatfacto.backend.aggregate import Members, is_aggregate, members, parameter, to_plain, world
+from ms_splatfacto.backend.ops.loss import accumulation_dtype, band_rows, banded_l1_ssim, split_l1_ssim
 from ms_splatfacto.backend.ops.render import rasterization
 from ms_splatfacto.observability import member_callbacks
 from ms_splatfacto.strategy import MsStrategy
@@ -109,7 +109,7 @@ class MsSplatfactoModel(SplatfactoModel):
             pause_refine_after_reset=self.num_train_data + self.config.refine_every,
             absgrad=self.config.use_absgrad,
             revised_opacity=False,
-            verbose=True,
+            verbose=world.rank() == 0,  # gsplat prints its refinement lines; once per run, not per rank
             max_gaussians=self.config.max_gaussians,
             memory_budget_bytes=self.config.memory_budget_bytes,
         )
@@ -230,8 +230,10 @@ class MsSplatfactoModel(SplatfactoModel):
         scale_factor = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / scale_factor)
         Ks = camera.get_intrinsics_matrices().to(self.device)  # [B, 3, 3]
-        assert (camera.width == camera.width[0]).all() and (camera.height == camera.height[0]).all(), "one image size per batch"
-        width, height = int(camera.width[0]), int(camera.height[0])
+        sizes = torch.cat([camera.width.reshape(-1), camera.height.reshape(-1)]).tolist()  # one host read
+        widths, heights = sizes[: len(sizes) // 2], sizes[len(sizes) // 2 :]
+        assert len(set(widths)) == 1 and len(set(heights)) == 1, f"one image size per batch, got widths {widths}, heights {heights}"
+        width, height = widths[0], heights[0]
         camera.rescale_output_resolution(scale_factor)
         self.last_size = (height, width)
 
@@ -305,12 +307,12 @@ class MsSplatfactoModel(SplatfactoModel):
             mask = torch.stack([self._downscale_if_required(m) for m in masks]).to(self.device).reshape(gt_img.shape[:-1] + (1,))
             assert mask.shape[:-1] == gt_img.shape[:-1] == pred_img.shape[:-1]
             gt_img, pred_img = gt_img * mask, pred_img * mask
-        # In float64, so the bands' partial sums (and the halo rows' gradients) round once, like one band's.
+        wide = accumulation_dtype(self.members.device, pred_img.dtype)  # float64 on the CPU: bit-equal members
         if is_aggregate(pred_img):  # the members' own rows, with halo rows from the member below
-            main = split_l1_ssim(pred_img.double(), gt_img.double(), self.config.ssim_lambda)
+            main = split_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda)
         else:
             bands = band_rows(pred_img.shape[-3], len(self.members), self.config.tile_size)
-            main = banded_l1_ssim(pred_img.double(), gt_img.double(), self.config.ssim_lambda, bands)
+            main = banded_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda, bands)
         loss_dict = {"main_loss": main.to(pred_img.dtype)}
         if self.config.use_scale_regularization and self.step % 10 == 0:
             scale_exp = torch.exp(self.gauss_params["scales"])

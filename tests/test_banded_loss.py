@@ -164,3 +164,39 @@ def test_split_loss_where_the_pixels_are_equals_the_banded_loss(spec: str):
     torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-14, atol=0)
     torch.testing.assert_close(to_plain(pred.grad), ref.grad, rtol=1e-12, atol=1e-15)
     assert (exchange.exchange_totals()["other"] > 0) == (len(m) > 1)
+
+
+def test_accumulation_is_float64_on_the_cpu_and_the_image_dtype_on_gpus():
+    from ms_splatfacto.backend.ops.loss import accumulation_dtype
+
+    assert accumulation_dtype(torch.device("cpu"), torch.float32) == torch.float64
+    assert accumulation_dtype(torch.device("cuda", 1), torch.float32) == torch.float32
+    assert accumulation_dtype(torch.device("cuda"), torch.float16) == torch.float16
+
+
+@pytest.mark.parametrize("spec", ["cpu:2", "cpu:4"])
+def test_float32_split_loss_is_repeatable_and_close_to_float64(spec: str):
+    """The GPU precision (float32 sums) run on CPU members: the same bits on a second run (partials are
+    combined in member order), and within float32 rounding of the float64 loss and gradient."""
+    from ms_splatfacto.backend.aggregate import aggregate, members, to_plain
+    from ms_splatfacto.backend.aggregate.layout import Layout
+    from ms_splatfacto.backend.aggregate.redistribute import relayout
+    from ms_splatfacto.backend.ops.loss import split_l1_ssim
+
+    pred0, gt = images((48, 40, 3), torch.float64, seed=5)
+    m = members(spec)
+    layout = Layout(tuple(band_rows(48, len(m), 16)), m)
+
+    def run(dtype):
+        pred = relayout(aggregate(pred0.to(dtype), m), layout).requires_grad_(True)
+        loss = split_l1_ssim(pred, gt.to(dtype), LAMBDA)
+        loss.backward()
+        return loss.detach(), to_plain(pred.grad)
+
+    loss32, grad32 = run(torch.float32)
+    again32, again_grad32 = run(torch.float32)
+    loss64, grad64 = run(torch.float64)
+    assert loss32.dtype == torch.float32
+    assert torch.equal(loss32, again32) and torch.equal(grad32, again_grad32)
+    torch.testing.assert_close(loss32.double(), loss64, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad32.double(), grad64, rtol=1e-4, atol=1e-9)

@@ -22,6 +22,7 @@ import torch
 from ms_splatfacto.backend.aggregate import transport
 from ms_splatfacto.backend.aggregate.layout import Layout
 from ms_splatfacto.backend.aggregate.storage import storage_for
+from ms_splatfacto.backend.host_syncs import read_ints
 
 KINDS = ("remote_read", "reduce_scatter", "other")
 """What a transfer is for: the rasterizer reading projected Gaussians held by another member, the
@@ -234,19 +235,56 @@ def request_rows(
     kind: str = "other",
 ) -> Dict[int, torch.Tensor]:
     """Rows by global index, read from their owners: for each local r, `chunks` rows requests[r]
-    ([k_r, ...], in request order). Two exchanges: the indices to the owners, the rows back."""
+    ([k_r, ...], in request order). Two exchanges: the indices to the owners, the rows back; the host
+    reads how many rows each owner serves once for all local members."""
     n = len(members)
     edges = list(layout.bounds)
     order: Dict[int, torch.Tensor] = {}
-    ask: Dict[int, List[torch.Tensor]] = {}
+    by_owner: Dict[int, torch.Tensor] = {}
+    cuts: Dict[int, torch.Tensor] = {}
     for r in members.local:
         idx = requests[r]
-        owner = layout.owners(idx)
-        sorted_owner, perm = torch.sort(owner, stable=True)
-        order[r] = perm
-        cuts = torch.searchsorted(sorted_owner, torch.arange(n + 1, device=idx.device)).tolist()
-        by_owner = idx[perm]
-        ask[r] = [by_owner[cuts[s] : cuts[s + 1]] - edges[s] for s in range(n)]
+        sorted_owner, order[r] = torch.sort(layout.owners(idx), stable=True)
+        cuts[r] = torch.searchsorted(sorted_owner, torch.arange(n + 1, device=idx.device))
+        by_owner[r] = idx[order[r]]
+    ends = read_ints(cuts)
+    ask = {r: [by_owner[r][ends[r][s] : ends[r][s + 1]] - edges[s] for s in range(n)] for r in members.local}
+    received = _serve_rows(members, ask, chunks, kind)
+    out = {}
+    for r in members.local:
+        placed = torch.empty_like(received[r])
+        placed[order[r].to(placed.device)] = received[r]
+        out[r] = placed
+    return out
+
+
+def request_row_ranges(
+    members,
+    ranges: Mapping[int, Tuple[int, int]],  # local r -> [lo, hi): global rows it wants, of `layout`
+    layout: Layout,
+    chunks: Chunks,  # the rows' owners' chunks
+    kind: str = "other",
+) -> Dict[int, torch.Tensor]:
+    """`request_rows` for a contiguous range per member, known on the host: no host read at all."""
+    n = len(members)
+    edges = list(layout.bounds)
+    ask = {}
+    for r in members.local:
+        lo, hi = ranges[r]
+        device = members.devices[r]
+        ask[r] = [torch.arange(max(lo, edges[s]), max(min(hi, edges[s + 1]), max(lo, edges[s])), device=device) - edges[s]
+                  for s in range(n)]
+    return _serve_rows(members, ask, chunks, kind)
+
+
+def _serve_rows(
+    members,
+    ask: Mapping[int, List[torch.Tensor]],  # local r -> [n]: rows (local to owner s) it reads from each s
+    chunks: Chunks,
+    kind: str,
+) -> Dict[int, torch.Tensor]:
+    """The rows each local member asked for, in owner order then ask order."""
+    n = len(members)
     asked = all_to_all(members, ask, kind)
     ref = next(c for c in chunks if c is not None)
     reply = {s: [chunks[s].index_select(0, asked[s][r].to(chunks[s].device)) for r in range(n)] for s in members.local}
@@ -258,10 +296,7 @@ def request_rows(
     out = {}
     for r in members.local:
         received = torch.cat(got[r]) if n > 1 else got[r][0]
-        placed = torch.empty_like(received) if received.shape[0] else _empty((ref.shape[1:], ref.dtype), members.devices[r])
-        if received.shape[0]:
-            placed[order[r].to(placed.device)] = received
-        out[r] = placed
+        out[r] = received if received.shape[0] else _empty((ref.shape[1:], ref.dtype), members.devices[r])
     return out
 
 

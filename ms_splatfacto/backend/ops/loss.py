@@ -2,11 +2,21 @@
 horizontal bands of tile rows, one band per member, as the reference method splits it.
 
 Each band computes partial sums over the rows it owns, divided by the global counts, so the result
-(and its gradient) equals the unbanded loss to float rounding. The rendered image is an ordinary
-tensor that every rank holds (the tile rasterizer assembles it), so every rank computes every band and
-nothing moves here; a band's rows and halo are what a member will need once images stay split. SSIM follows pytorch_msssim.SSIM(data_range=1.0, channel=3) exactly: an 11-tap gaussian
-window (sigma 1.5, built in float32 then cast), "valid" separable convolution, K = (0.01, 0.03). Its
-map row i reads input rows [i, i + 10], so a band reads a 10-row halo from the band(s) below it.
+(and its gradient) equals the unbanded loss to float rounding. In training the rendered image is an
+aggregate over pixel rows (`split_l1_ssim`): each member sums its own rows, reads the SSIM halo rows
+from the member below through the exchange, and only partial sums travel. Assembled images (a camera
+batch) use `banded_l1_ssim`, where every rank computes every band and nothing moves.
+
+SSIM follows pytorch_msssim.SSIM(data_range=1.0, channel=3) exactly: an 11-tap gaussian window (sigma
+1.5, built in float32 then cast), "valid" separable convolution, K = (0.01, 0.03). Its map row i reads
+input rows [i, i + 10], so a band reads a 10-row halo from the band(s) below it.
+
+Precision by device (`accumulation_dtype`): on the CPU the sums run in float64, so the members' partial
+sums round once, like one member's, and `cpu:N` equals `cpu:1` bit for bit. On GPUs they run in the
+image's float32: float64 arithmetic is slow there, and gsplat's rasterizer backward adds per-Gaussian
+gradients with atomics, so results already differ in the last bits between runs and member counts. The
+partials are still combined in member order, so the loss of one image on one member count is the same
+on every rank.
 """
 
 from __future__ import annotations
@@ -27,6 +37,11 @@ WIN_SIGMA = 1.5
 C1 = 0.01**2
 C2 = 0.03**2
 """SSIM stabilisers (K1 * data_range)^2 and (K2 * data_range)^2 for data_range 1.0."""
+
+
+def accumulation_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss sums in for images of `dtype` on `device` (see the module docstring)."""
+    return torch.float64 if device.type == "cpu" else dtype
 
 
 def band_rows(height: int, members: int, tile_size: int) -> List[int]:
@@ -150,8 +165,8 @@ class _SplitSums(torch.autograd.Function):
             lo, hi = bands[r], bands[r + 1]
             end = min(hi, map_h)
             stop = min(end + halo, pred.shape[0]) if end > lo else hi
-            wanted[r] = torch.arange(hi, max(hi, stop), device=m.devices[r])
-        halos = exchange.request_rows(m, wanted, layout, pred.chunks)
+            wanted[r] = (hi, max(hi, stop))
+        halos = exchange.request_row_ranges(m, wanted, layout, pred.chunks)
         win = gaussian_window(pred.dtype, m.device)
         ctx.graphs, ctx.layout, ctx.wanted = [], layout, wanted
         l1_parts, ssim_parts = {}, {}
@@ -190,8 +205,9 @@ class _SplitSums(torch.autograd.Function):
             g_own, g_below = torch.autograd.grad([l1, ssim], [own, below], [g_l1.to(own.device), g_ssim.to(own.device)], allow_unused=True)
             grads[r] = torch.zeros_like(own) if g_own is None else g_own
             g_below = torch.zeros_like(below) if g_below is None else g_below
-            owners = layout.owners(ctx.wanted[r])
-            back[r] = [g_below[owners == s] for s in range(n)]
+            lo, hi = ctx.wanted[r]
+            edges = layout.bounds
+            back[r] = [g_below[min(max(lo, edges[s]), hi) - lo : max(min(hi, edges[s + 1]), lo) - lo] for s in range(n)]
         ctx.graphs = []
         got = exchange.all_to_all(m, back)
         for s in m.local:

@@ -33,6 +33,7 @@ from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout, even_bounds
 from ms_splatfacto.backend.aggregate.redistribute import relayout
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
+from ms_splatfacto.backend.host_syncs import read_ints
 
 
 @dataclass
@@ -58,7 +59,7 @@ class MemberTiles:
     records: Tensor  # [n_records] int64: global row * C + camera of each record, sorted
     n_records: int
     sources: List[SourceRecords]
-    pixels: Tensor  # [C_r, H, W, 1] bool: the pixels of its tiles
+    pixels: Tensor  # [C_r, H, W, 1] bool: the pixels of its tiles (whole pixel rows)
     n_pixels: int
 
     @property
@@ -91,12 +92,7 @@ class TilePlan:
 
     def pixel_row_bounds(self) -> List[int]:
         """[members + 1]: member r renders rows [b[r], b[r+1]) of the [C * H] pixel rows (camera-major)."""
-        def pixel_row(tile: int) -> int:
-            tile_row = tile // self.tile_width
-            camera, row = divmod(tile_row, self.tile_height)
-            return camera * self.height + min(row * self.tile_size, self.height)
-
-        return [pixel_row(t) for t in self.tile_bounds]
+        return _pixel_row_bounds(self.tile_bounds, self.tile_width, self.tile_height, self.height, self.tile_size)
 
     def remote_page_bytes(self, record_bytes: List[int], page_bytes: int = 4096) -> int:
         """Remote reads at page granularity: the bytes of every page of another member's record arrays
@@ -109,6 +105,14 @@ class TilePlan:
                 if src.source != r:
                     total += sum(torch.unique(src.flat * rb // page_bytes).numel() for rb in record_bytes) * page_bytes
         return total
+
+
+def _pixel_row_bounds(tile_bounds: List[int], tile_width: int, tile_height: int, height: int, tile_size: int) -> List[int]:
+    def pixel_row(tile: int) -> int:
+        camera, row = divmod(tile // tile_width, tile_height)
+        return camera * height + min(row * tile_size, height)
+
+    return [pixel_row(t) for t in tile_bounds]
 
 
 def plan_tiles(
@@ -132,13 +136,12 @@ def plan_tiles(
     per_camera = tile_width * tile_height
     tile_bits = per_camera.bit_length()
     tile_bounds = [rows * tile_width for rows in even_bounds(C * tile_height, n_members)]  # whole tile rows
-    send: Dict[int, List[Tensor]] = {}
+    sorted_pairs: Dict[int, Tensor] = {}
+    cuts: Dict[int, Tensor] = {}
     for s in m.local:
         device = m.devices[s]
-        edges = torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=device)
         n_s = layout.counts[s]
         if n_s == 0 or C == 0:
-            send[s] = [torch.zeros((0, 2), dtype=torch.long, device=device)] * n_members
             continue
         _, ids, flat = kernels.isect_tiles(
             means2d.chunks[s].transpose(0, 1).contiguous(), radii.chunks[s].t().contiguous(),
@@ -148,18 +151,30 @@ def plan_tiles(
         global_tile = (key >> tile_bits) * per_camera + (key & ((1 << tile_bits) - 1))
         flat = flat.long()
         record = (layout.bounds[s] + flat % n_s) * C + flat // n_s  # global row * C + camera
-        dest = torch.bucketize(global_tile, edges, right=True)
+        dest = torch.bucketize(global_tile, torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=device), right=True)
         order = torch.sort(dest, stable=True)
-        cuts = torch.searchsorted(order.values, torch.arange(n_members + 1, device=device)).tolist()
-        pairs = torch.stack([ids, record], dim=1)[order.indices]  # [M_s, 2]: key, record
-        send[s] = [pairs[cuts[r] : cuts[r + 1]] for r in range(n_members)]
+        cuts[s] = torch.searchsorted(order.values, torch.arange(n_members + 1, device=device))
+        sorted_pairs[s] = torch.stack([ids, record], dim=1)[order.indices]  # [M_s, 2]: key, record
+    ends = read_ints(cuts)  # the one host read of this phase, for all local members
+    send: Dict[int, List[Tensor]] = {}
+    for s in m.local:
+        if s in ends:
+            send[s] = [sorted_pairs[s][ends[s][r] : ends[s][r + 1]] for r in range(n_members)]
+        else:
+            send[s] = [torch.zeros((0, 2), dtype=torch.long, device=m.devices[s])] * n_members
     routed = exchange.all_to_all(m, send)
     pixel_owner = _pixel_owners(torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=m.device), C, width, height,
                                 tile_size, tile_width, tile_height)
+    sorted_routes = {r: _sort_routed(kernels, r, routed[r], tile_bounds, layout, C, tile_width, tile_height, tile_bits)
+                     for r in m.local if tile_bounds[r + 1] > tile_bounds[r]}
+    source_ends = read_ints({r: routes.source_cuts for r, routes in sorted_routes.items()})  # this phase's one read
+    row_bounds = _pixel_row_bounds(tile_bounds, tile_width, tile_height, height, tile_size)
     work: List[Optional[MemberTiles]] = [None] * n_members
     asks: Dict[int, List[Tensor]] = {}
     for r in m.local:
-        work[r] = _member_tiles(kernels, r, routed[r], tile_bounds, layout, C, tile_width, tile_height, tile_bits, pixel_owner)
+        if r in sorted_routes:
+            n_pixels = (row_bounds[r + 1] - row_bounds[r]) * width
+            work[r] = _member_tiles(r, sorted_routes[r], source_ends[r], layout, C, pixel_owner, n_pixels)
         asks[r] = _asks(work[r], r, layout)
     serve = exchange.all_to_all(m, asks) if m.local else {}
     n_isects = sum(p.shape[0] for r in m.local for p in routed[r])
@@ -186,7 +201,20 @@ def _pixel_owners(
     return torch.bucketize(tile, edges, right=True)
 
 
-def _member_tiles(
+@dataclass
+class _SortedRoutes:
+    """Member r's received intersections in single-device order, before the host knows the sizes."""
+
+    cam_lo: int
+    cam_hi: int
+    isect_ids: Tensor  # [M_r] int64, sorted
+    offsets: Tensor  # [C_r, tile_height, tile_width] int32
+    flatten_ids: Tensor  # [M_r] int32, into `records`
+    records: Tensor  # [n_records] int64, sorted: global row * C + camera
+    source_cuts: Tensor  # [n + 1] int64: source s's records are records[cuts[s] : cuts[s + 1]]
+
+
+def _sort_routed(
     kernels: ModuleType,
     r: int,
     routed: List[Tensor],  # [n] pieces [k, 2]: (key, record) from each source, in source order
@@ -196,10 +224,7 @@ def _member_tiles(
     tile_width: int,
     tile_height: int,
     tile_bits: int,
-    pixel_owner: Tensor,  # [C, H, W]
-) -> Optional[MemberTiles]:
-    if tile_bounds[r + 1] == tile_bounds[r]:
-        return None
+) -> _SortedRoutes:
     per_camera = tile_width * tile_height
     cam_lo, cam_hi = tile_bounds[r] // per_camera, (tile_bounds[r + 1] - 1) // per_camera
     pairs = torch.cat(routed).to(layout.members.devices[r])
@@ -208,15 +233,28 @@ def _member_tiles(
     unique, flatten_ids = torch.unique(records, return_inverse=True)
     offsets = kernels.isect_offset_encode(ids - (cam_lo << (32 + tile_bits)), cam_hi - cam_lo + 1, tile_width, tile_height)
     firsts = torch.tensor([b * C for b in layout.bounds], dtype=unique.dtype, device=unique.device)
-    cuts = torch.searchsorted(unique, firsts).tolist()
+    return _SortedRoutes(cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, torch.searchsorted(unique, firsts))
+
+
+def _member_tiles(
+    r: int,
+    routes: _SortedRoutes,
+    cuts: List[int],  # [n + 1] `routes.source_cuts`, read on the host
+    layout: Layout,
+    C: int,
+    pixel_owner: Tensor,  # [C, H, W]
+    n_pixels: int,
+) -> MemberTiles:
+    unique = routes.records
     sources = [
         SourceRecords(s, cuts[s], cuts[s + 1], unique[cuts[s] : cuts[s + 1]] - layout.bounds[s] * C)
         for s in range(len(layout.members))
         if cuts[s + 1] > cuts[s]
     ]
-    pixels = (pixel_owner[cam_lo : cam_hi + 1, ..., None] == r).to(unique.device)
+    pixels = (pixel_owner[routes.cam_lo : routes.cam_hi + 1, ..., None] == r).to(unique.device)
     return MemberTiles(
-        cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, unique.shape[0], sources, pixels, int(pixels.sum())
+        routes.cam_lo, routes.cam_hi, routes.isect_ids, routes.offsets, routes.flatten_ids, unique, cuts[-1], sources,
+        pixels, n_pixels,
     )
 
 
@@ -252,18 +290,19 @@ def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[i
 
 
 def _assemble(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torch.dtype, device) -> Tensor:
-    """The [C, H, W, channels] image on every rank: each member sends its tiles' pixels to every rank."""
+    """The [C, H, W, channels] image on every rank: each member sends its pixel rows to every rank."""
     m = plan.layout.members
+    bounds = plan.pixel_row_bounds()
     parts = {}
     for r in m.local:
         work = plan.work[r]
-        parts[r] = images[r][work.pixels[..., 0]] if work is not None else torch.zeros((0, channels), dtype=dtype, device=m.devices[r])
-    got = exchange.replicate(m, parts)
-    image = torch.zeros((plan.n_cameras, plan.height, plan.width, channels), dtype=dtype, device=device)
-    for r, pixels in enumerate(got):
-        if pixels.shape[0]:
-            image[plan.pixel_owner == r] = pixels.to(device)
-    return image
+        if work is None:
+            parts[r] = torch.zeros((0, plan.width, channels), dtype=dtype, device=m.devices[r])
+            continue
+        first = work.cam_lo * plan.height
+        parts[r] = images[r].reshape(-1, plan.width, channels)[bounds[r] - first : bounds[r + 1] - first]
+    got = exchange.replicate(m, parts, rows_per_member=[b - a for a, b in zip(bounds, bounds[1:])])
+    return torch.cat([rows.to(device) for rows in got]).view(plan.n_cameras, plan.height, plan.width, channels)
 
 
 def _split(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torch.dtype) -> AggregateTensor:
