@@ -24,6 +24,7 @@ from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout
 from ms_splatfacto.backend.aggregate.propagation import is_agg, mutates_first, never
 from ms_splatfacto.backend.aggregate.redistribute import relayout, spread, to_plain_args
+from ms_splatfacto.backend.aggregate.streams import member_streams
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, fusing, wrap
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def run_local(
         return _finish(func, args, {0: func(*local_args, **local_kwargs)}, layout, fused=True)
     cut = {i: exchange.rows_of(a, layout) for i, a in enumerate(flat) if is_rowed[i]}
     outs = {}
+    streams = member_streams(layout.members)
     for d in layout.members.local:
         local = [a.chunks[d] if is_agg(a) else cut[i][d] if i in cut else exchange.to_member(a, d, layout) for i, a in enumerate(flat)]
         local_args, local_kwargs = tree_unflatten(local, spec)
@@ -128,7 +130,9 @@ def run_local(
             size = list(local_args[sized])
             size[0] = layout.counts[d]
             local_args = (*local_args[:sized], size, *local_args[sized + 1 :])
-        outs[d] = func(*local_args, **local_kwargs)
+        with streams.run(d):
+            outs[d] = func(*local_args, **local_kwargs)
+    streams.join()
     return _finish(func, args, outs, layout, fused=False)
 
 

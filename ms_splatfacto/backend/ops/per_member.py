@@ -18,6 +18,7 @@ from torch import Tensor
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout
 from ms_splatfacto.backend.aggregate.redistribute import relayout
+from ms_splatfacto.backend.aggregate.streams import member_streams
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
 
 MemberFn = Callable[..., Sequence[Tensor]]
@@ -42,17 +43,19 @@ class _PerMember(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:]
         ctx.layout, ctx.n_rowed, ctx.graphs = layout, n_rowed, []
         per_member = {}
+        streams = member_streams(layout.members)
         for d in layout.members.local:
             leaves = [x.chunks[d].detach().requires_grad_(track and need) for x, need in zip(rowed, needs)]
             local = [
                 exchange.to_member(s.detach(), d, layout).requires_grad_(track and need)
                 for s, need in zip(shared, needs[n_rowed:])
             ]
-            with torch.set_grad_enabled(track):
+            with torch.set_grad_enabled(track), streams.run(d):
                 outs = tuple(fn(d, *leaves, *local))
             if track:
                 ctx.graphs.append((d, leaves + local, outs))
             per_member[d] = outs
+        streams.join()
         first = per_member[layout.members.local[0]]
         results = tuple(
             wrap(layout, chunks=[per_member[d][i].detach() if d in per_member else None for d in range(len(layout.members))])
@@ -71,12 +74,14 @@ class _PerMember(torch.autograd.Function):
         chunk_grads: List[List[Optional[Tensor]]] = [[None] * len(m) for _ in range(n_rowed)]
         shared_parts: List[dict] = [{} for _ in ctx.shared_like]
         grads = tuple(relayout(g, layout) if is_aggregate(g) else g for g in grads)  # collective: once, not per member
+        streams = member_streams(m)
         for d, leaves, outs in ctx.graphs:
             pairs = [(o, rows_for(g, layout, d)) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
             wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
-            found = torch.autograd.grad(
-                [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs], allow_unused=True
-            ) if pairs and wanted else [None] * len(wanted)
+            with streams.run(d):
+                found = torch.autograd.grad(
+                    [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs], allow_unused=True
+                ) if pairs and wanted else [None] * len(wanted)
             by_input = dict(zip(wanted, found))
             for i, leaf in enumerate(leaves):
                 g = by_input.get(i)
@@ -86,6 +91,7 @@ class _PerMember(torch.autograd.Function):
                 elif needs[i]:
                     shared_parts[i - n_rowed][d] = g.to(m.device)
         ctx.graphs = []
+        streams.join()
         rowed_grads = [wrap(layout, chunks=cg) if needs[i] else None for i, cg in enumerate(chunk_grads)]
         shared_grads = []
         for i, (shape, dtype) in enumerate(ctx.shared_like):

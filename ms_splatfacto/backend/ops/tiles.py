@@ -32,6 +32,7 @@ from torch import Tensor
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout, even_bounds
 from ms_splatfacto.backend.aggregate.redistribute import relayout
+from ms_splatfacto.backend.aggregate.streams import member_streams
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
 from ms_splatfacto.backend.host_syncs import read_ints
 
@@ -347,6 +348,7 @@ class _TileRasterize(torch.autograd.Function):
         records = _read_records(plan, fields)
         ctx.graphs = []
         images = {}
+        streams = member_streams(m)
         for r in m.local:
             work = plan.work[r]
             if work is None:
@@ -354,7 +356,7 @@ class _TileRasterize(torch.autograd.Function):
             mine = [t.requires_grad_(track) for t in records[r]]
             sums: Dict[str, Optional[Tensor]] = {}
             bg = None if backgrounds is None else exchange.to_member(backgrounds[work.cam_lo : work.cam_hi + 1], r, layout)
-            with torch.set_grad_enabled(track):
+            with torch.set_grad_enabled(track), streams.run(r):
                 colors_r, alphas_r = kernels.rasterize_to_pixels(
                     *mine, plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids,
                     backgrounds=bg, absgrad=absgrad, float64_sums=sums,
@@ -362,6 +364,7 @@ class _TileRasterize(torch.autograd.Function):
             images[r] = torch.cat([colors_r, alphas_r], dim=-1).detach()
             if track:
                 ctx.graphs.append((r, mine, colors_r, alphas_r, sums))
+        streams.join()
         ctx.plan, ctx.absgrad, ctx.means2d, ctx.kernels = plan, absgrad, means2d, kernels
         ctx.row_shapes = [tuple(f.shape[1:]) for f in fields] + [tuple(means2d.shape[1:])]
         ctx.dtype = colors.dtype
@@ -380,6 +383,7 @@ class _TileRasterize(torch.autograd.Function):
         v_render, v_alphas = (relayout(v, image_layout) if is_aggregate(v) else v for v in (v_render, v_alphas))
         n_fields = 5 if ctx.absgrad else 4  # means2d, conics, colors, opacities (, means2d absgrad)
         partials: Dict[int, List[Optional[Tensor]]] = {}
+        streams = member_streams(m)
         for r, records, colors_r, alphas_r, sums in ctx.graphs:
             work = plan.work[r]
             g_render = _member_rows(plan, v_render, r) * work.pixels
@@ -387,16 +391,18 @@ class _TileRasterize(torch.autograd.Function):
             if not is_aggregate(v_render):  # read from the rank's copy of the image gradient
                 exchange.record(m.host, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
             pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
-            found = list(
-                torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
-                if pairs else [None] * len(records)
-            )
+            with streams.run(r):
+                found = list(
+                    torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
+                    if pairs else [None] * len(records)
+                )
             if ctx.absgrad:
                 found.append(getattr(records[0], "absgrad", None))
             if sums:  # kernel sets that keep unrounded sums filled the dict in their backward
                 found = [sums[k] for k in ("means2d", "conics", "colors", "opacities", "absgrad")[: len(found)]]
             partials[r] = found
         ctx.graphs = []
+        streams.join()
         wide = torch.float64 if getattr(ctx.kernels, "KEEPS_FLOAT64_SUMS", False) else ctx.dtype
         owned = _reduce_scatter(plan, partials, ctx.row_shapes[:n_fields], wide)
         out = [
