@@ -222,7 +222,7 @@ class MsSplatfactoModel(SplatfactoModel):
 
         params = {name: self.gauss_params[name] for name in self.gauss_params.keys()}
         if self.crop_box is not None and not self.training:
-            inside = self.crop_box.within(self.means).squeeze()
+            inside = self.crop_box.within(params["means"].detach()).squeeze()  # on the members: no gather
             if inside.sum() == 0:
                 return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
             params = {name: p[inside] for name, p in params.items()}
