@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
 STAMP=.venv/.ms-splatfacto-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+# How pip is run; tests/test_packaging.py points it at a stub to see that a set-up machine runs no pip.
+PIP="${MS_SPLATFACTO_SETUP_PIP:-.venv/bin/python -m pip}"
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $PY"
@@ -15,7 +17,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing torch==2.14.1 torchvision==0.29.1 and ms-splatfacto[test] (a few minutes the first time)"
     start=$(date +%s)
     # This machine's pip config lists local index folders that may be absent; drop pip's notes on them.
-    .venv/bin/python -m pip install -q --disable-pip-version-check \
+    $PIP install -q --disable-pip-version-check \
         torch==2.14.1 torchvision==0.29.1 -e ".[test]" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     echo "$want" > "$STAMP"
@@ -23,7 +25,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
 else
     echo "setup: .venv is up to date"
 fi
-if ! ldconfig -p | grep -q 'libusb-1.0.so.0'; then
+# Not `ldconfig -p | grep -q`: grep quits at the first match, ldconfig dies of SIGPIPE (141), and
+# pipefail turns that into "missing", so every run called apt-get.
+libs="$(ldconfig -p 2>/dev/null || true)"
+if [[ "$libs" != *libusb-1.0.so.0* ]]; then
     # open3d, imported by ns-export, links against it; Debian's python image lacks it.
     echo "setup: installing libusb-1.0-0 for open3d (ns-export)"
     { apt-get update -qq && apt-get install -y -qq libusb-1.0-0; } > /dev/null \

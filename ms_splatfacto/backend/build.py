@@ -3,6 +3,11 @@
 Each source registers its operators under `torch.ops.ms_splatfacto`. The build happens on first
 use (or ahead of time with `python -m ms_splatfacto.backend.build`), is cached by torch under
 `BUILD_DIR`, and is rebuilt only when a source changes.
+
+The sources are `csrc/` at the top of a checkout (editable installs too); a wheel carries them as
+`ms_splatfacto/_csrc` (see pyproject.toml). A checkout caches builds in `<repo>/.build`; an installed
+package cannot count on writing to site-packages, so it caches in `$MS_SPLATFACTO_CACHE` or
+`~/.cache/ms_splatfacto/<version>-torch<version>` (a torch upgrade must not load stale binaries).
 """
 
 from __future__ import annotations
@@ -10,14 +15,34 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import List
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_PACKAGE = Path(__file__).resolve().parents[1]
+PACKAGED = (_PACKAGE / "_csrc").is_dir()
+"""True in an installed wheel (sources shipped inside the package), False in a checkout."""
+CSRC = _PACKAGE / "_csrc" if PACKAGED else _PACKAGE.parent / "csrc"
 EXTENSION_NAME = "ms_splatfacto_cpu"
-BUILD_ROOT = CSRC.parent / ".build"
+
+
+def build_root(packaged: bool) -> Path:
+    """`$MS_SPLATFACTO_CACHE` if set, else `<repo>/.build` in a checkout, else a per-user cache folder."""
+    if os.environ.get("MS_SPLATFACTO_CACHE"):
+        return Path(os.environ["MS_SPLATFACTO_CACHE"])
+    if not packaged:
+        return CSRC.parent / ".build"
+    try:
+        version = metadata.version("ms-splatfacto")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ms_splatfacto" / f"{version}-torch{torch.__version__}"
+
+
+BUILD_ROOT = build_root(PACKAGED)
 """Where compiled kernels are cached, one folder per extension."""
 BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_BUILD_DIR", BUILD_ROOT / "cpu"))
 """Where the compiled kernels are cached (set MS_SPLATFACTO_BUILD_DIR to move it)."""
@@ -36,8 +61,11 @@ def build_extension(name: str, sources: List[Path], build_dir: Path, what: str, 
     from torch.utils.cpp_extension import load
 
     if not sources:
-        raise KernelBuildError(f"No sources for {what} found under {CSRC}; is the package installed from a checkout?")
-    build_dir.mkdir(parents=True, exist_ok=True)
+        raise KernelBuildError(f"No sources for {what} found under {CSRC}: the package was installed without its csrc/ files.")
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KernelBuildError(f"Cannot create the build cache {build_dir} ({err}); set MS_SPLATFACTO_CACHE to a writable folder.") from err
     try:
         load(
             name=name,
