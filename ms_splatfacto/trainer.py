@@ -22,6 +22,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from ms_splatfacto import launch
 from ms_splatfacto.backend import DeviceSpecError, parse_devices
 from ms_splatfacto.backend.aggregate import world
+from ms_splatfacto.backend.threads import available_cores, configure_threads
 from ms_splatfacto.checkpoints import (
     checkpoint_path,
     checkpoint_state,
@@ -44,6 +45,8 @@ class MsTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: MsTrainer)
     max_nonfinite_steps: int = 10
     """Consecutive training steps with a non-finite loss or gradient (each one skipped: no optimizer step, no densification statistics) after which training stops, naming the value that went bad first."""
+    cpu_threads: int = 0
+    """Threads per process for torch and the CPU kernels (0: the cores this process may run on, divided among this machine's ranks). Never more than those cores: threads sharing a core wait for each other at every barrier."""
     collective_timeout_s: float = 180.0
     """Under torchrun: seconds a rank waits for the others in a collective. A rank that died or hangs makes the others stop within it, with one line naming it; the last complete checkpoint stays loadable."""
 
@@ -89,6 +92,9 @@ class MsTrainer(Trainer):
             # nerfstudio's `local_rank == 0` decides who serves the viewer: rank 0 of the whole run. One
             # process as far as nerfstudio knows (world_size 1): no DDP wrap of striped parameters.
             local_rank, world_size = world.rank(), 1
+        threads = configure_threads(config.cpu_threads or None)
+        if device.type == "cpu":
+            CONSOLE.log(f"CPU threads per process: {threads} (of {available_cores()} cores this process may run on)")
         super().__init__(config, local_rank, world_size)
         self.device = str(device)
         self.nonfinite_steps = 0

@@ -1,0 +1,51 @@
+"""The thread count a run chooses never exceeds the cores the process may run on, and the ranks of one
+machine share those cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ms_splatfacto.backend.aggregate.local_ranks import run_local_ranks
+from ms_splatfacto.backend.threads import available_cores, choose_threads, configure_threads
+
+
+@pytest.mark.parametrize(
+    "cores, env, requested, expected",
+    [
+        (16, {}, None, 16),
+        (16, {"LOCAL_WORLD_SIZE": "4"}, None, 4),
+        (2, {"LOCAL_WORLD_SIZE": "4"}, None, 1),  # more ranks than cores: one thread each
+        (16, {"OMP_NUM_THREADS": "3"}, None, 3),
+        (2, {"OMP_NUM_THREADS": "64"}, None, 2),  # asking for more than the cores gets the cores
+        (8, {"LOCAL_WORLD_SIZE": "2"}, 16, 4),
+        (8, {}, 5, 5),
+    ],
+)
+def test_choose_threads(cores, env, requested, expected):
+    assert choose_threads(cores, env, requested) == expected
+
+
+def test_one_process_uses_at_most_its_cores():
+    before = torch.get_num_threads()
+    try:
+        threads = configure_threads(1024)
+        assert threads == torch.get_num_threads() <= len(os.sched_getaffinity(0)) == available_cores()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _rank_threads():
+    assert os.environ["LOCAL_WORLD_SIZE"] == "3"  # set as torchrun sets it for three ranks on this machine
+    os.environ.pop("OMP_NUM_THREADS", None)  # no explicit cap: the share alone decides
+    threads = configure_threads()
+    return threads, torch.get_num_threads(), len(os.sched_getaffinity(0))
+
+
+def test_each_rank_of_one_machine_gets_its_share(tmp_path):
+    results = run_local_ranks(3, _rank_threads, tmp=tmp_path)
+    for threads, torch_threads, cores in results:
+        assert threads == torch_threads == max(1, cores // 3)
+        assert 3 * threads <= max(3, cores)
