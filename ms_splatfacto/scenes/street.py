@@ -15,8 +15,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -301,6 +303,40 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
+def check_output_dir(output_dir: Path, overwrite: bool) -> Path:
+    """Refuse to write over a file, or over a non-empty folder unless overwrite is set."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"output_dir {output_dir} is not empty (pass overwrite=True to replace it)")
+    return output_dir
+
+
+@contextmanager
+def staged_dataset(output_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside output_dir that replaces it when the block completes, so that an
+    interrupted run leaves no partial dataset (and the previous one, if any, intact)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; a dataset is not
+    try:
+        yield staging
+        if output_dir.exists():
+            # Move the old dataset aside first: a rename cannot replace a non-empty folder.
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
+            os.replace(output_dir, old)
+            os.replace(staging, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
 def generate_street_scene(
     output_dir: Path,
     num_views: int = 28,
@@ -322,17 +358,10 @@ def generate_street_scene(
     _check_int("height", height, 8)
     _check_int("num_points", num_points, 1)
     _check_int("seed", seed, 0)
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output_dir {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output_dir {output_dir} is not empty (pass overwrite=True to replace it)")
-
+    output_dir = check_output_dir(output_dir, overwrite)
     layout, poses, camera = make_layout(seed), camera_path(num_views), Pinhole.for_size(width, height)
     rng = np.random.default_rng([seed, 1])
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    try:
+    with staged_dataset(output_dir) as staging:
         (staging / "images").mkdir()
         frames = []
         for index, c2w in enumerate(poses):
@@ -349,17 +378,6 @@ def generate_street_scene(
             "generator": {"scene": "ms_splatfacto.scenes.street", "seed": seed, "num_points": num_points},
         }
         (staging / "transforms.json").write_text(json.dumps(meta, indent=2))
-        if output_dir.exists():
-            # Move the old dataset aside first: a rename cannot replace a non-empty folder.
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
-            os.replace(output_dir, old)
-            os.replace(staging, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return output_dir
 
 
