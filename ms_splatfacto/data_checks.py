@@ -12,9 +12,8 @@ from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 from PIL import Image
 
+from ms_splatfacto.dataparsers import IMAGE_SUFFIXES, AutoDataParserConfig
 from ms_splatfacto.errors import InputError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 def colmap_point_count(sparse_dir: Path) -> Optional[int]:
@@ -41,7 +40,19 @@ def check_colmap(config: ColmapDataParserConfig) -> None:
         config.load_3D_points = False
 
 
-DATAPARSER_CHECKS: Dict[Type[DataParserConfig], Callable] = {ColmapDataParserConfig: check_colmap}
+def check_auto(config: AutoDataParserConfig) -> None:
+    """The layout must be recognised (else one line listing layouts and subcommands), and a COLMAP layout
+    passes the colmap check (images present; a model without points turns the points off here too)."""
+    resolved, _, _ = config.resolve()
+    if isinstance(resolved, ColmapDataParserConfig):
+        check_colmap(resolved)
+        config.load_3D_points = resolved.load_3D_points
+
+
+DATAPARSER_CHECKS: Dict[Type[DataParserConfig], Callable] = {
+    ColmapDataParserConfig: check_colmap,
+    AutoDataParserConfig: check_auto,
+}
 """Extra checks for dataparsers whose own failures are unclear."""
 
 

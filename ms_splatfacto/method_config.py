@@ -3,25 +3,46 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
+import tyro
+from nerfstudio.configs.dataparser_configs import all_dataparsers
 from nerfstudio.configs.method_configs import method_configs
 from nerfstudio.plugins.types import MethodSpecification
 
+from ms_splatfacto.dataparsers import AutoDataParserConfig
 from ms_splatfacto.datamanager import MsDatamanagerConfig
 from ms_splatfacto.model import MsSplatfactoModelConfig
 from ms_splatfacto.trainer import MsTrainerConfig
 
+DataParsers = tyro.conf.OmitSubcommandPrefixes[
+    tyro.extras.subcommand_type_from_defaults(
+        {"auto": AutoDataParserConfig(),
+         **{name: c for name, c in all_dataparsers.items() if not isinstance(c, AutoDataParserConfig)}},
+        prefix_names=False,
+    )
+]
+"""nerfstudio's dataparser subcommands plus `auto` (also there when the `auto` entry point is installed)."""
+
+
+@dataclass
+class MsSplatfactoDatamanagerConfig(MsDatamanagerConfig):
+    """The method's datamanager: with no dataparser subcommand, `--data` is loaded by the `auto` dataparser."""
+
+    dataparser: DataParsers = field(default_factory=AutoDataParserConfig)
+    """How --data is read: `auto` (default) recognises transforms.json or a COLMAP model; or name the parser."""
+
 
 def ms_splatfacto_trainer_config() -> MsTrainerConfig:
-    """Splatfacto's training recipe (datamanager, schedule, optimizers) with our model and trainer."""
+    """Splatfacto's training recipe (datamanager, schedule, optimizers) with our model, trainer and `auto` data."""
     splatfacto = method_configs["splatfacto"]
     shared = {name: copy.deepcopy(getattr(splatfacto, name)) for name in splatfacto.__dataclass_fields__ if name != "_target"}
     config = MsTrainerConfig(**shared)
     config.method_name = "ms-splatfacto"
     config.pipeline.model = MsSplatfactoModelConfig()
     datamanager = config.pipeline.datamanager
-    config.pipeline.datamanager = MsDatamanagerConfig(
-        **{name: getattr(datamanager, name) for name in datamanager.__dataclass_fields__ if name != "_target"}
+    config.pipeline.datamanager = MsSplatfactoDatamanagerConfig(
+        **{name: getattr(datamanager, name) for name in datamanager.__dataclass_fields__ if name not in ("_target", "dataparser")}
     )
     return config
 
