@@ -1,82 +1,112 @@
-"""Storage of striped aggregate tensors on GPUs: managed (unified) memory, or one plain tensor per member.
+"""Managed (unified) memory for the persistent rows of aggregate tensors on GPUs.
 
-Managed mode (`managed_striped_empty`): one `cudaMallocManaged` allocation per tensor from the allocator
-in `csrc/cuda`; chunk d is preferred on and prefetched to member d's GPU, every member GPU may access
-all of it, and members compute on `chunk_view`s tagged with their own device. Plain mode
-(`plain_striped_empty`): one ordinary allocation per member, for machines where managed memory is
-unwanted. The CUDA sources are built lazily, only when a GPU exists; importing this module needs
-torch alone. `nvcc_compile_check` compiles them without a GPU, which is how CPU machines test them.
+`managed_chunks` makes one `cudaMallocManaged` allocation per tensor through our extension
+(`csrc/cuda`), wrapped with `from_blob` and a deleter: member d's chunk starts on a page, is preferred
+on member d's GPU (or on the host when that GPU is full: oversubscription), may be accessed by every
+member GPU, and is prefetched where it is preferred; each chunk is a tensor tagged with its member's
+device. `prefetch` moves the pages of the rows a member will read to its GPU in one batched call.
+The decisions (offsets, placement, prefetch ranges) are made in `managed_plan.py`, testable on the CPU.
 
-Op outputs, which torch allocates per member, become managed memory through
-`install_managed_allocator`: a `CUDAPluggableAllocator` over `csrc/cuda/managed_allocator.cu`, which
-must replace torch's caching allocator before torch first touches CUDA.
+Nothing is installed process-wide: transients stay on torch's caching allocator and its statistics
+(`torch.cuda.max_memory_allocated`, ...) keep working; managed bytes are not among them.
+
+The extension is built on first use, only where a GPU exists, into a folder whose name carries a hash
+of its sources and of torch's version, and later processes load that library directly (no nvcc). A
+wheel or container can build it ahead of time with `python -m ms_splatfacto.backend.cuda_storage`
+(no GPU needed). Importing this module needs torch alone; `nvcc_compile_check` compiles the sources
+without a GPU, which is how CPU machines test them.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
+import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
 
+from ms_splatfacto.backend import managed_plan
 from ms_splatfacto.backend.build import BUILD_ROOT, CSRC, KernelBuildError, build_extension
+from ms_splatfacto.backend.managed_plan import HOST, MAX_PREFETCH_RANGES, PAGE_BYTES, Span
+
+log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "ms_splatfacto_cuda"
 CUDA_BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_CUDA_BUILD_DIR", BUILD_ROOT / "cuda"))
-"""Where the compiled allocator is cached (set MS_SPLATFACTO_CUDA_BUILD_DIR to move it)."""
+"""Where the compiled extension is cached (set MS_SPLATFACTO_CUDA_BUILD_DIR to move it)."""
 DEFAULT_ARCH = "90"
-"""Compute capability `nvcc_compile_check` targets by default (H100/H200)."""
-
-
-ALLOCATOR_SOURCE = CSRC / "cuda" / "managed_allocator.cu"
-"""The pluggable allocator's source, built alone into a CUDA-runtime-only library (not the extension)."""
-ALLOCATOR_FUNCTIONS = ("ms_managed_malloc", "ms_managed_free")
+"""Compute capability `nvcc_compile_check` targets by default (H100/H200). The extension itself holds
+host code only (no kernels), so one build serves every GPU generation."""
+BUILD_FLAGS = {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3"]}
 
 
 class CudaUnavailableError(KernelBuildError):
     """The CUDA storage was asked for where no GPU is visible."""
 
 
-class ManagedAllocatorError(RuntimeError):
-    """The managed allocator cannot be installed (CUDA already in use, no GPU, members not GPUs)."""
-
-
 def cuda_sources() -> list[Path]:
-    """Every CUDA source (what the compile check covers)."""
+    """Every CUDA source (what the extension is built from and the compile check covers)."""
     return sorted((CSRC / "cuda").glob("*.cu"))
 
 
-def extension_sources() -> list[Path]:
-    """The sources of the torch extension (all but the allocator, which is a library of its own)."""
-    return [s for s in cuda_sources() if s != ALLOCATOR_SOURCE]
+def source_digest() -> str:
+    """Hash of the sources, their headers, the build flags and torch's version (its ABI)."""
+    files = sorted([*cuda_sources(), *(CSRC / "cuda").glob("*.h"), *(CSRC / "cuda").glob("*.cuh")])
+    h = hashlib.sha256(f"{torch.__version__} cuda {torch.version.cuda} {sorted(BUILD_FLAGS.items())}".encode())
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def extension_library(build_dir: Path | str | None = None) -> Path:
+    """Where the library for the current sources is (or will be) built."""
+    root = Path(build_dir) if build_dir is not None else CUDA_BUILD_DIR
+    return root / f"{EXTENSION_NAME}-{source_digest()}" / f"{EXTENSION_NAME}.so"
+
+
+def load_extension(build_dir: Path | str | None = None) -> Path:
+    """Load the extension, building it first when no library for the current sources exists.
+
+    A library already built is loaded with `torch.ops.load_library`: neither torch's JIT builder nor
+    nvcc runs. Needs no GPU (loading is not using). Returns the library's path."""
+    library = extension_library(build_dir)
+    if library.is_file():
+        try:
+            torch.ops.load_library(str(library))
+        except OSError as err:
+            raise KernelBuildError(f"Cannot load the prebuilt CUDA storage extension {library} ({err}); "
+                                   f"delete {library.parent} to rebuild it") from err
+        return library
+    print(f"ms-splatfacto: building the CUDA storage extension into {library.parent} (a few minutes, once)...",
+          file=sys.stderr, flush=True)
+    build_extension(
+        EXTENSION_NAME, cuda_sources(), library.parent, "the CUDA storage extension",
+        "Check that nvcc matches torch's CUDA version (torch.version.cuda) and that CUDA_HOME points at it, "
+        "or use --pipeline.model.storage plain.",
+        extra_ldflags=_cudart_link_flags(),
+        **BUILD_FLAGS,
+    )
+    return library
 
 
 @functools.lru_cache(maxsize=None)
 def load_cuda_storage() -> None:
-    """Compile (if needed) and load the allocator; afterwards `torch.ops.ms_splatfacto_cuda.*` exist."""
+    """Load (building if needed) the extension where a GPU exists; afterwards `torch.ops.ms_splatfacto_cuda.*` exist."""
     if not torch.cuda.is_available():
         raise CudaUnavailableError(
-            "The CUDA storage needs a GPU, and torch sees none "
-            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use CPU members (e.g. --pipeline.model.devices cpu:4)."
+            "Managed storage needs a GPU, and torch sees none "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --pipeline.model.storage plain."
         )
-    sources = extension_sources()
-    print(f"ms-splatfacto: loading the CUDA allocator ({len(sources)} sources; the first build takes a few minutes)...",
-          file=sys.stderr, flush=True)
-    build_extension(
-        EXTENSION_NAME, sources, CUDA_BUILD_DIR, "the CUDA allocator",
-        "Check that nvcc matches torch's CUDA version (torch.version.cuda) and that CUDA_HOME points at it.",
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3"],
-        extra_ldflags=_cudart_link_flags(),
-    )
+    load_extension()
 
 
 def _cudart_link_flags() -> list[str]:
@@ -100,61 +130,83 @@ def _ops():
     return torch.ops.ms_splatfacto_cuda
 
 
-def _device(device: torch.device | str | int) -> torch.device:
-    """A bare int means a GPU index, as in torch."""
-    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-
-
-def _cuda_index(device: torch.device | str | int) -> int:
-    device = _device(device)
+def gpu_index(device: torch.device | str | int) -> int:
+    """The GPU index of a CUDA device (a bare int is an index, as in torch)."""
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"Managed storage lives on CUDA devices, got {device}")
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-def _gpu_index(device: torch.device | str | int) -> int:
-    """Like `_cuda_index` but without asking torch for the current device, which initialises CUDA."""
-    device = _device(device)
-    if device.type != "cuda":
-        raise ManagedAllocatorError(f"The managed allocator serves CUDA members, got {device}")
-    return 0 if device.index is None else device.index
+_HOST_PLACED: set = set()
+"""GPUs whose rows went to host memory at least once (logged once each)."""
 
 
-def managed_striped_empty(shape: Sequence[int], dtype: torch.dtype, devices: Sequence[torch.device | str | int],
-                          row_starts: Sequence[int]) -> torch.Tensor:
-    """Uninitialised tensor in one managed allocation, rows striped over `devices`.
-
-    `row_starts[d]` is the first row of member d's chunk (one entry per member, or one more equal to
-    shape[0]). The result is tagged with the first member's device; use `chunk_view` for the others.
-    Refuses (RuntimeError) when a GPU's chunks need more than its free memory.
-    """
-    return _ops().managed_striped_empty(list(shape), dtype, [_cuda_index(d) for d in devices], list(row_starts))
-
-
-def chunk_view(base: torch.Tensor, row_start: int, row_count: int, device: torch.device | str | int) -> torch.Tensor:
-    """Rows [row_start, row_start + row_count) of managed `base`, tagged with `device`; keeps `base` alive.
-
-    Torch then runs ops on the view on `device`'s stream, with `device`'s kernels, as the member that
-    owns those rows should.
-    """
-    return _ops().managed_chunk_view(base, row_start, row_count, _cuda_index(device))
+def placement(sizes: Sequence[int], gpus: Sequence[int]) -> List[int]:
+    """Where chunks of `sizes` bytes owned by `gpus` go (a GPU or HOST), given the GPUs' free memory now."""
+    budgets = {}
+    for gpu in set(gpus):
+        free, total = torch.cuda.mem_get_info(gpu)
+        budgets[gpu] = managed_plan.budget(free, total)
+    locations = managed_plan.place(sizes, gpus, budgets)
+    for gpu, loc in zip(gpus, locations):
+        if loc == HOST and gpu not in _HOST_PLACED:
+            _HOST_PLACED.add(gpu)
+            log.warning("ms-splatfacto: cuda:%d is full (%.2f GiB left for managed rows, %d%% of it kept for "
+                        "transients); rows that do not fit now live in host memory and are read over the "
+                        "interconnect (logged once per GPU)", gpu, budgets[gpu] / 2**30,
+                        round(100 * managed_plan.HEADROOM_FRACTION))
+    return locations
 
 
-def plain_striped_empty(shape: Sequence[int], dtype: torch.dtype, devices: Sequence[torch.device | str | int],
-                        row_starts: Sequence[int]) -> list[torch.Tensor]:
-    """One ordinary `torch.empty` per member holding its chunk's rows: no managed memory, no remote access.
+def managed_chunks(row_shape: Sequence[int], dtype: torch.dtype, counts: Sequence[int],
+                   gpus: Sequence[torch.device | str | int]) -> List[torch.Tensor]:
+    """Uninitialised chunks of `counts[d]` rows of `row_shape` for members on `gpus[d]`, in one managed
+    allocation: chunk d starts on a page, is preferred on (and prefetched to) its GPU, or the host when
+    that GPU is full, every member GPU may access all of it, and it is tagged with its member's device.
+    Members sharing a GPU (virtual members) get chunks on it; the chunks keep the allocation alive."""
+    assert len(counts) == len(gpus) > 0, (counts, gpus)
+    gpus = [gpu_index(g) for g in gpus]
+    row_bytes = math.prod(row_shape) * dtype.itemsize
+    spans, total = managed_plan.chunk_spans(counts, row_bytes)
+    if total == 0:
+        return [torch.empty((n, *row_shape), dtype=dtype, device=torch.device("cuda", g)) for n, g in zip(counts, gpus)]
+    ops = _ops()
+    locations = placement([size for _, size in spans], gpus)
+    extents = [managed_plan.align_up(size) for _, size in spans]  # whole pages: the padding is the chunk's
+    base = ops.managed_alloc(total, PAGE_BYTES, gpus[0])
+    ops.managed_advise(base, [offset for offset, _ in spans], extents, locations, sorted(set(gpus)))
+    for loc in sorted(set(locations)):
+        mine = [(base.data_ptr() + offset, extent) for (offset, _), extent, where in zip(spans, extents, locations)
+                if where == loc and extent]
+        ops.managed_prefetch([a for a, _ in mine], [n for _, n in mine], loc)
+    return [ops.managed_view(base, offset, [n, *row_shape], dtype, g) for (offset, _), n, g in zip(spans, counts, gpus)]
 
-    Same arguments as `managed_striped_empty`; works for any device type (CPU members included).
-    """
-    shape = list(shape)
-    if not shape:
-        raise ValueError("A striped tensor needs at least one dimension (its rows)")
-    bounds = list(row_starts) + ([shape[0]] if len(row_starts) == len(devices) else [])
-    if len(bounds) != len(devices) + 1 or bounds[0] != 0 or bounds[-1] != shape[0] or any(
-            a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"Row starts {list(row_starts)} do not split {shape[0]} rows over {len(devices)} members")
-    return [torch.empty([end - start, *shape[1:]], dtype=dtype, device=_device(dev))
-            for dev, start, end in zip(devices, bounds, bounds[1:])]
+
+def managed_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str | int) -> torch.Tensor:
+    """An uninitialised `shape` tensor in managed memory on one GPU (or in host memory when it is full)."""
+    assert len(shape) >= 1, "a managed tensor has rows"
+    return managed_chunks(shape[1:], dtype, [shape[0]], [device])[0]
+
+
+def prefetch(reads: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]], device: torch.device | str | int,
+             max_ranges: int = MAX_PREFETCH_RANGES) -> List[Span]:
+    """Move the pages of the rows a member will read to its GPU before its kernels run, in one call.
+
+    `reads` pairs a managed chunk ([n, ...], contiguous) with the rows of it to be read ([K] CPU
+    indices, chunk-local; None for all). Chunks preferred on the host stay there: pulling them onto a
+    full GPU would evict other rows. Runs on `device`'s current stream; returns the (address, bytes)
+    ranges prefetched."""
+    ranges: List[Span] = []
+    for chunk, rows in reads:
+        assert chunk.dim() >= 1 and chunk.is_contiguous(), "prefetch reads whole rows of a contiguous chunk"
+        if chunk.numel() == 0 or location(chunk)[0] == HOST:
+            continue
+        row_bytes = chunk.nbytes // chunk.shape[0]
+        ranges += managed_plan.rows_to_prefetch(rows, chunk.shape[0], row_bytes, chunk.data_ptr(), max_ranges=max_ranges)
+    if ranges:
+        _ops().managed_prefetch([a for a, _ in ranges], [n for _, n in ranges], gpu_index(device))
+    return ranges
 
 
 def is_managed(t: torch.Tensor) -> bool:
@@ -162,102 +214,15 @@ def is_managed(t: torch.Tensor) -> bool:
     return bool(t.is_cuda and _ops().is_managed(t))
 
 
-def range_location(base: torch.Tensor, row_start: int, row_count: int) -> tuple[int, int]:
-    """(preferred location, last prefetch location) of a row range: a GPU index, -1 host, -2 mixed."""
-    preferred, last_prefetch = _ops().managed_range_location(base, row_start, row_count)
+def location(t: torch.Tensor) -> Tuple[int, int]:
+    """(preferred location, last prefetch location) of managed `t`'s bytes: a GPU, HOST (-1), -2 mixed."""
+    preferred, last_prefetch = _ops().managed_location(t)
     return preferred, last_prefetch
 
 
-def accessed_by(base: torch.Tensor) -> list[int]:
-    """GPU indices set to access all of `base` (cudaMemAdviseSetAccessedBy)."""
-    return list(_ops().managed_accessed_by(base))
-
-
-def build_managed_allocator(build_dir: Path | str | None = None) -> Path:
-    """Compile `managed_allocator.cu` into a shared library with nvcc (no GPU, no torch headers needed).
-
-    Returns the library's path; cached under a name carrying the hash of the source and the headers it
-    includes, so an edited one is rebuilt. Raises KernelBuildError with nvcc's output when the build fails.
-    """
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise KernelBuildError("Building the managed allocator needs nvcc on PATH (the CUDA toolkit matching "
-                               f"torch.version.cuda = {torch.version.cuda}); a GPU is not needed")
-    build_dir = Path(build_dir) if build_dir is not None else CUDA_BUILD_DIR
-    headers = sorted((CSRC / "cuda").glob("*.cuh"))  # its #includes, so an edited header rebuilds it too
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [ALLOCATOR_SOURCE, *headers])).hexdigest()[:16]
-    library = build_dir / f"libms_managed_allocator_{digest}.so"
-    if library.is_file():
-        return library
-    build_dir.mkdir(parents=True, exist_ok=True)
-    partial = library.with_suffix(f".{os.getpid()}.tmp")
-    command = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-cudart", "shared",
-               str(ALLOCATOR_SOURCE), "-o", str(partial)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise KernelBuildError(f"Building the managed allocator failed ({' '.join(command)}):\n{done.stdout}{done.stderr}")
-    partial.replace(library)
-    return library
-
-
-def _allocator_library(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.ms_managed_set_members.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-    lib.ms_managed_refusal.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
-                                       ctypes.c_char_p, ctypes.c_size_t]
-    lib.ms_managed_would_refuse.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-    return lib
-
-
-def allocator_refusal(lib: ctypes.CDLL, nbytes: int, free_bytes: int, total_bytes: int, device: int) -> str:
-    """The allocator's free-memory guard for given numbers: '' when `nbytes` fit, else its message."""
-    message = ctypes.create_string_buffer(512)
-    lib.ms_managed_refusal(nbytes, free_bytes, total_bytes, device, message, len(message))
-    return message.value.decode()
-
-
-def allocator_would_refuse(lib: ctypes.CDLL, nbytes: int, device: int) -> str:
-    """What the allocator would say about `nbytes` on GPU `device` now: '' when it would allocate."""
-    message = ctypes.create_string_buffer(512)
-    lib.ms_managed_would_refuse(nbytes, device, message, len(message))
-    return message.value.decode()
-
-
-_INSTALLED: list[tuple[int, ...]] = []
-"""The member GPUs the installed managed allocator serves (empty until installed)."""
-
-
-def managed_allocator_installed() -> bool:
-    return bool(_INSTALLED)
-
-
-def install_managed_allocator(devices: Sequence[torch.device | str | int]) -> None:
-    """Make torch allocate every CUDA tensor in managed memory (preferred on, and prefetched to, the GPU
-    it is allocated for; accessed by every member GPU in `devices`), so op outputs of an aggregate
-    tensor on several GPUs are managed like its storage.
-
-    Must run before torch's first CUDA allocation (torch cannot swap an allocator in use): raises
-    ManagedAllocatorError if CUDA is already initialised. Installing again for the same GPUs does nothing.
-    """
-    gpus = tuple(sorted({_gpu_index(d) for d in devices}))
-    if _INSTALLED:
-        if gpus != _INSTALLED[0]:
-            raise ManagedAllocatorError(f"The managed allocator already serves GPUs {list(_INSTALLED[0])}; it cannot be "
-                                        f"re-installed for GPUs {list(gpus)} in the same process")
-        return
-    if not torch.cuda.is_available():
-        raise ManagedAllocatorError("The managed allocator needs a GPU, and torch sees none; use CPU members "
-                                    "(e.g. --pipeline.model.devices cpu:4)")
-    if torch.cuda.is_initialized():
-        raise ManagedAllocatorError(
-            "The managed allocator must be installed before torch first uses CUDA, and CUDA is already initialised "
-            "in this process. Create the aggregate device (or call install_managed_allocator) at startup, before any "
-            "tensor is put on a GPU, or use the plain storage mode")
-    lib = _allocator_library(build_managed_allocator())
-    lib.ms_managed_set_members((ctypes.c_int * len(gpus))(*gpus), len(gpus))
-    allocator = torch.cuda.memory.CUDAPluggableAllocator(lib._name, *ALLOCATOR_FUNCTIONS)
-    torch.cuda.memory.change_current_allocator(allocator)
-    _INSTALLED.append(gpus)
+def accessed_by(t: torch.Tensor) -> List[int]:
+    """GPU indices set to access `t`'s bytes (cudaMemAdviseSetAccessedBy)."""
+    return list(_ops().managed_accessed_by(t))
 
 
 def nvcc_include_paths() -> list[str]:
@@ -314,5 +279,6 @@ def nvcc_compile_check(output_dir: Path | str, arch: str = DEFAULT_ARCH) -> subp
 
 
 if __name__ == "__main__":
-    load_cuda_storage()
-    print("ms-splatfacto: CUDA allocator ready:", ", ".join(sorted(n for n in dir(torch.ops.ms_splatfacto_cuda) if not n.startswith("_"))))
+    built = load_extension()
+    print(f"ms-splatfacto: CUDA storage extension ready in {built}:",
+          ", ".join(sorted(n for n in dir(torch.ops.ms_splatfacto_cuda) if not n.startswith("_"))))

@@ -24,8 +24,15 @@ rows starts every dtype's vector loop (at most 2 x 64 B per step) where the whol
 so ranks compute every row with the same bits as one member does."""
 
 STORAGE_MODES = ("managed", "plain")
-"""How rows live on several GPUs: one managed allocation per tensor (and managed op outputs through the
-managed allocator), or one ordinary allocation per member. Members on one device ignore the mode."""
+"""Where persistent rows (parameters, optimizer moments, statistics) live on GPUs: `plain`, one ordinary
+allocation per member from torch's caching allocator; `managed`, managed memory from our extension
+(striped over several GPUs, or one allocation on one GPU, which still lets a GPU oversubscribe into
+host memory). Transient rows use torch's caching allocator in both (see `storage.py`). The managed
+mode needs GPU members; nothing is installed process-wide."""
+
+
+class StorageModeError(ValueError):
+    """A storage mode the members cannot have (managed memory on CPU members)."""
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,14 @@ class Members:
         return all(self.devices[d] == self.device for d in self.local)
 
     @property
+    def managed_memory(self) -> bool:
+        """Whether persistent rows live in managed memory: the managed mode on GPUs (one or several)."""
+        return self.storage == "managed" and self.device.type == "cuda"
+
+    @property
     def managed(self) -> bool:
-        """Whether rows live in managed memory: several distinct GPUs in the managed storage mode."""
-        return self.storage == "managed" and self.device.type == "cuda" and not self.single_device
+        """Whether persistent rows are striped over several GPUs in one managed allocation each."""
+        return self.managed_memory and not self.single_device
 
     def holds(self, device: torch.device) -> bool:
         """Whether `device` is one of this rank's members (a `.to(device)` onto it keeps the aggregate)."""
@@ -110,9 +122,9 @@ def row_align(devices, world_size: int) -> int:
 def members(spec: str, storage: str = "plain", align: Optional[int] = None) -> Members:
     """The Members for `spec` (one object per spec, storage mode and process group); refuses bad specs
     with DeviceSpecError. Under torch.distributed `spec` names this rank's members and every rank must
-    call this together (the ranks' member lists are exchanged). Several GPUs in the managed mode
-    install the managed allocator, which must happen before torch first uses CUDA. `align` overrides
-    the row granule of chunk boundaries (`row_align`), e.g. to lay one process out like ranks."""
+    call this together (the ranks' member lists are exchanged). The managed storage mode needs GPU
+    members (refused with StorageModeError otherwise). `align` overrides the row granule of chunk
+    boundaries (`row_align`), e.g. to lay one process out like ranks."""
     return _members(spec.strip().lower(), storage, world.identity(), align)
 
 
@@ -131,8 +143,9 @@ def _members(canonical: str, storage: str, identity: Tuple[int, int, int], align
         specs = [s for s, _ in per_rank]
         spec = f"{size} ranks x {canonical}" if len(set(specs)) == 1 else " + ".join(specs)
         m = Members(spec, devices, align=align or row_align(devices, size), storage=storage, ranks=ranks, rank=rank)
-    if m.managed:
-        from ms_splatfacto.backend.cuda_storage import install_managed_allocator
-
-        install_managed_allocator(tuple(m.devices[d] for d in m.local))
+    if storage == "managed" and any(d.type != "cuda" for d in m.devices):
+        raise StorageModeError(
+            f"--pipeline.model.storage managed needs GPU members, and {m.spec!r} has CPU members; "
+            "use --pipeline.model.storage plain (the default) on the CPU, or GPU members (--pipeline.model.devices cuda)"
+        )
     return m
