@@ -30,6 +30,8 @@ from gsplat.utils import normalized_quat_to_rotmat
 from torch import Tensor
 
 from ms_splatfacto.backend.aggregate import Members, is_aggregate
+from ms_splatfacto.backend.aggregate.redistribute import persistent_rows
+from ms_splatfacto.backend.aggregate.storage import is_persistent
 from ms_splatfacto.backend.morton import morton_order, reorder_gaussians
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,12 @@ class MsStrategy(DefaultStrategy):
     memory_budget_bytes: int = 0
     """Bytes each member may use for a refinement (0: each member's free memory, detected)."""
     _budgets_hit: Set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def step_post_backward(self, params, optimizers, state: Dict[str, Any], step: int, info: Dict[str, Any], packed: bool = False):
+        """gsplat's, then whatever it made of op results (the opacity reset's clamp) kept as model
+        state, so the managed mode holds every parameter, moment and statistic in managed memory."""
+        super().step_post_backward(params, optimizers, state, step, info, packed)
+        keep_state_persistent(params, optimizers, state)
 
     def _update_state(self, params, state: Dict[str, Any], info: Dict[str, Any], packed: bool = False) -> None:
         means2d = info[self.key_for_gradient]  # [N, C, 2]
@@ -241,6 +249,24 @@ def grow(params, optimizers, state: Dict[str, Any], is_dupli: Tensor, is_split: 
     for key, v in state.items():
         if isinstance(v, Tensor):
             state[key] = v[src]
+
+
+@torch.no_grad()
+def keep_state_persistent(params, optimizers, state: Dict[str, Any]) -> None:
+    """Parameters, their Adam moments and the statistics as persistent rows (aggregate ones only; a
+    no-op for those that already are)."""
+    if not all(is_aggregate(p) for p in params.values()):
+        return
+    stale = [name for name, p in params.items() if not is_persistent(p)]
+    if stale:
+        _update_param_with_optimizer(
+            lambda name, p: torch.nn.Parameter(persistent_rows(p.detach()), requires_grad=p.requires_grad),
+            lambda key, v: persistent_rows(v) if is_aggregate(v) else v,
+            params, optimizers, names=stale,
+        )
+    for key, v in state.items():
+        if is_aggregate(v):
+            state[key] = persistent_rows(v)
 
 
 def split_children(params, parents: Tensor, noise: Tensor, revised_opacity: bool) -> Dict[str, Tensor]:

@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_map
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout, even_layout
 from ms_splatfacto.backend.aggregate.propagation import is_agg
+from ms_splatfacto.backend.aggregate.storage import is_persistent, mark_persistent, storage_for
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, aggregate, fusing, to_plain, wrap
 
 
@@ -24,6 +25,28 @@ def relayout(x: AggregateTensor, layout: Layout) -> AggregateTensor:
     if x._layout == layout:
         return x
     return from_sources([(d, n) for d, n in enumerate(x._layout.counts)], _local(x), layout, like_of(x))
+
+
+def keep_persistent(out: AggregateTensor, source: AggregateTensor) -> AggregateTensor:
+    """`out` as persistent rows where `source` is persistent (rows taken from, or shaped after, model
+    state are model state; see storage.py)."""
+    return persistent_rows(out) if is_persistent(source) else out
+
+
+def persistent_rows(out: AggregateTensor) -> AggregateTensor:
+    """`out` as model state: marked in place where persistent rows live like transient ones, else
+    copied into persistent storage (the managed mode)."""
+    if is_persistent(out):
+        return out
+    layout = out._layout
+    if not layout.members.managed_memory:
+        for d in layout.members.local:
+            mark_persistent(out.chunks[d])
+        return out
+    whole, chunks = storage_for(layout).empty(layout, out.shape[1:], out.dtype, persistent=True)
+    for d in layout.members.local:
+        chunks[d].copy_(out.chunks[d], non_blocking=True)
+    return wrap(layout, whole, chunks)
 
 
 def _local(x: AggregateTensor) -> Dict[int, torch.Tensor]:
@@ -102,9 +125,9 @@ def take_rows(x: AggregateTensor, index: torch.Tensor) -> AggregateTensor:
     if fusing(out_layout) and x._whole is not None:
         idx = torch.cat([mine[d] for d in m.local])
         _count_take(x._layout, out_layout, idx, exchange.row_bytes(x))
-        return wrap(out_layout, x._whole.index_select(0, idx))
+        return keep_persistent(wrap(out_layout, x._whole.index_select(0, idx)), x)
     rows = exchange.request_rows(m, mine, x._layout, x.chunks)
-    return _wrap_local(out_layout, rows, like_of(x))
+    return keep_persistent(_wrap_local(out_layout, rows, like_of(x)), x)
 
 
 def _count_take(layout: Layout, out_layout: Layout, index: torch.Tensor, per_row: int) -> None:
@@ -136,9 +159,10 @@ def select_mask(x: AggregateTensor, mask: torch.Tensor) -> AggregateTensor:
         index = flat.nonzero().squeeze(1)
         counts = torch.searchsorted(index, torch.tensor(layout.bounds, device=index.device)).diff().tolist()
         out_layout = even_layout(index.shape[0], m)
-        return from_sources(list(enumerate(counts)), _split(x._whole.index_select(0, index), counts), out_layout, like_of(x))
+        out = from_sources(list(enumerate(counts)), _split(x._whole.index_select(0, index), counts), out_layout, like_of(x))
+        return keep_persistent(out, x)
     masks = mask.chunks if is_agg(mask) else exchange.rows_of(mask, layout)
-    return even_from_pieces(m, {d: x.chunks[d][masks[d]] for d in m.local}, like_of(x))
+    return keep_persistent(even_from_pieces(m, {d: x.chunks[d][masks[d]] for d in m.local}, like_of(x)), x)
 
 
 def _split(rows: torch.Tensor, counts: Sequence[int]) -> Dict[int, torch.Tensor]:
@@ -147,4 +171,4 @@ def _split(rows: torch.Tensor, counts: Sequence[int]) -> Dict[int, torch.Tensor]
 
 def spread(t: torch.Tensor, members) -> AggregateTensor:
     """An ordinary (replicated) result striped evenly: each member takes its rows, nothing moves."""
-    return aggregate(t, members)
+    return aggregate(t, members, persistent=False)

@@ -37,6 +37,11 @@ def _mark(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def mark_persistent(t: torch.Tensor) -> torch.Tensor:
+    """Record that `t`'s storage holds persistent rows (for rows allocated elsewhere)."""
+    return _mark(t)
+
+
 def _marked(t: torch.Tensor) -> bool:
     return bool(getattr(t.untyped_storage(), _MARK, False))
 

@@ -113,15 +113,16 @@ def wrap(layout: Layout, whole: Optional[torch.Tensor] = None, chunks: Optional[
     return AggregateTensor(layout, whole, chunks)
 
 
-def aggregate(t: torch.Tensor, spec: Union[str, Members]) -> AggregateTensor:
+def aggregate(t: torch.Tensor, spec: Union[str, Members], persistent: bool = True) -> AggregateTensor:
     """An aggregate copy of the ordinary tensor `t` ([rows, ...], the same on every rank), rows striped
-    evenly over the members of `spec` ("cpu:4", "cuda", a Members): each member copies its rows."""
+    evenly over the members of `spec` ("cpu:4", "cuda", a Members): each member copies its rows.
+    Data placed on the device from outside is model state (`persistent`) unless the caller says not."""
     m = spec if isinstance(spec, Members) else members(spec)
     t = t.detach().to(m.device)
     layout = even_layout(t.shape[0], m)
     exchange.account_plain(t, layout, rowed=True)
     first, stop = layout.local_span
-    whole, chunks = storage_for(layout).empty(layout, t.shape[1:], t.dtype)
+    whole, chunks = storage_for(layout).empty(layout, t.shape[1:], t.dtype, persistent=persistent)
     if whole is not None:
         whole.copy_(t[first:stop])
     else:

@@ -18,6 +18,7 @@ from torch import Tensor
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout
 from ms_splatfacto.backend.aggregate.redistribute import relayout
+from ms_splatfacto.backend.aggregate.storage import prefetch
 from ms_splatfacto.backend.aggregate.streams import member_streams
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
 
@@ -45,6 +46,8 @@ class _PerMember(torch.autograd.Function):
         per_member = {}
         streams = member_streams(layout.members)
         for d in layout.members.local:
+            for x in rowed:  # managed rows: their pages on d's GPU before its kernels read them
+                prefetch(x, d)
             leaves = [x.chunks[d].detach().requires_grad_(track and need) for x, need in zip(rowed, needs)]
             local = [
                 exchange.to_member(s.detach(), d, layout).requires_grad_(track and need)

@@ -24,7 +24,7 @@ from ms_splatfacto.backend.ops.per_member import per_member
 from ms_splatfacto.backend.ops.tiles import plan_tiles, tile_rasterize
 
 def _on_aggregate(t: Tensor, spec) -> Tensor:
-    return t if is_aggregate(t) else aggregate(t, spec)
+    return t if is_aggregate(t) else aggregate(t, spec, persistent=False)  # an ordinary input: this call's only
 
 
 def rasterization(

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 from ms_splatfacto.backend.aggregate.dispatch import DECLINE, register, run_local
 from ms_splatfacto.backend.aggregate.layout import even_layout
 from ms_splatfacto.backend.aggregate.propagation import always, bind, is_agg, never, norm_dims, target_layout
-from ms_splatfacto.backend.aggregate.redistribute import gathered, like_of, plain_result
+from ms_splatfacto.backend.aggregate.redistribute import gathered, keep_persistent, like_of, plain_result
 from ms_splatfacto.backend.aggregate.rules.reductions import reduce_rows
 from ms_splatfacto.backend.aggregate.tensor import fusing, to_plain, wrap
 
@@ -161,7 +161,13 @@ def like(func, args, kwargs):
     if device is not None and not x.members.holds(device):
         return func(to_plain(x), *args[1:], **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != "device"}
-    return run_local(func, args, kwargs, x._layout)
+    out = run_local(func, args, kwargs, x._layout)
+    return keep_persistent(out, x) if func.overloadpacket in _STATE_FACTORIES else out
+
+
+_STATE_FACTORIES = {aten.clone, aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like}
+"""Copies and factories of model state are model state (the Adam moments torch.optim makes with
+`zeros_like`); views (detach, alias) share its storage already, conversions are computations."""
 
 
 @register(aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty_strided)
@@ -178,11 +184,11 @@ def new_factory(func, args, kwargs):
         return func(first, *args[1:], **kwargs)
     layout = even_layout(size[0], x.members)
     if fusing(layout) and x._whole is not None:
-        return wrap(layout, whole=func(x._whole, *args[1:], **kwargs))
-    return wrap(layout, chunks=[
+        return keep_persistent(wrap(layout, whole=func(x._whole, *args[1:], **kwargs)), x)
+    return keep_persistent(wrap(layout, chunks=[
         func(x.chunks[d], [n, *size[1:]], *args[2:], **kwargs) if x.members.is_local(d) else None
         for d, n in enumerate(layout.counts)
-    ])
+    ]), x)  # statistics made after a parameter (`new_zeros`) are state too
 
 
 @register(aten.select.int)
