@@ -2,8 +2,9 @@
 steady-state data time per step and the data path's peak memory, at two dataset sizes.
 
 Each measurement is a fresh process (`--probe`) that builds the datamanager on a generated nerfstudio
-dataset (copies of lund_tiny's 256x192 photos, one file per camera; `--source city` renders the
-procedural city instead, minutes at 2,000 cameras), draws step 0, then 50 more steps with
+dataset: the procedural city (`ms_splatfacto.scenes.city`, 256x192 JPEG views, rendered once at the
+largest count, smaller counts evenly spread subsets of it) or, with `--source lund`, copies of
+lund_tiny's 256x192 photos (one file per camera). It draws step 0, then 50 more steps with
 a simulated 20 ms training step (a sleep, as GPU compute would leave the CPU to the decoders) between
 them. Peak memory is the process's peak RSS (VmHWM; getrusage's ru_maxrss is also recorded, but it counts
 the parent's pages at fork) less its RSS once everything is imported. Runs are
@@ -79,6 +80,28 @@ def write_photo_dataset(
     return out
 
 
+def city_dataset(out: Path, cameras: int, width: int = 256, height: int = 192) -> Path:
+    """The procedural city (`ms_splatfacto.scenes.city`, JPEG views) with `cameras` views, rendered."""
+    command = [sys.executable, "-m", "ms_splatfacto.scenes.city", "--cameras", str(cameras), "--width", str(width),
+               "--height", str(height), "--output", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return out
+
+
+def subset_dataset(source: Path, out: Path, cameras: int) -> Path:
+    """A nerfstudio dataset of `cameras` frames spread evenly over `source`'s, reading `source`'s files."""
+    meta = json.loads((source / "transforms.json").read_text())
+    frames = meta["frames"]
+    meta["frames"] = [dict(frames[i * len(frames) // cameras], file_path=str(source / frames[i * len(frames) // cameras]["file_path"]))
+                      for i in range(cameras)]
+    meta.pop("ply_file_path", None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transforms.json").write_text(json.dumps(meta))
+    return out
+
+
 def _status_bytes(field: str) -> int:
     """VmRSS (now) or VmHWM (peak) of this process, from /proc/self/status (Linux)."""
     with open("/proc/self/status") as f:
@@ -151,8 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--step-s", type=float, default=0.02, help="simulated training step between data steps (sleep)")
     parser.add_argument("--cache-bytes", type=int, default=2**30, help="--pipeline.datamanager.cache-bytes for stream")
     parser.add_argument("--cameras-per-step", type=int, default=1)
-    parser.add_argument("--source", choices=["lund", "city"], default="lund",
-                        help="photos: copies of lund_tiny's (seconds to write) or `ms_splatfacto.scenes.city` renders")
+    parser.add_argument("--source", choices=["city", "lund"], default="city",
+                        help="photos: `ms_splatfacto.scenes.city` renders (about a minute at 2,000) or copies of lund_tiny's")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--probe", type=Path, help="measure one run on this dataset and print JSON")
     parser.add_argument("--images", choices=["cache", "stream"], default="stream", help="with --probe")
@@ -168,11 +191,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     console = Console(width=150)
     rows, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="data_stream_") as tmp:
+        if args.source == "city":  # rendered once at the largest count; smaller counts are evenly spread subsets
+            city = city_dataset(Path(tmp) / "city", max(args.cameras))
+            console.log(f"Rendered the city: {max(args.cameras)} views ({time.perf_counter() - started:.0f} s)")
         for cameras in args.cameras:
             data = Path(tmp) / f"cameras_{cameras}"
-            if args.source == "city":  # the procedural city, rendered (minutes at 2,000 cameras)
-                subprocess.run([sys.executable, "-m", "ms_splatfacto.scenes.city", "--cameras", str(cameras), "--width", "256",
-                                "--height", "192", "--output", str(data)], check=True, cwd=REPO, capture_output=True)
+            if args.source == "city":
+                subset_dataset(city, data, cameras)
             else:
                 write_photo_dataset(data, cameras)
             runs: Dict[str, list] = {"cache": [], "stream": []}
@@ -189,7 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "decodes_at_step0": results[0]["decodes_at_step0"],
                     "stream_peak_held_mb": (max(r["peak_held_bytes"] for r in results) / 2**20) if mode == "stream" else None,
                 })
-            shutil.rmtree(data)
+            if args.source != "city":
+                shutil.rmtree(data)
     table = Table(title=f"Data path, {args.steps} steps after step 0, {args.step_s * 1000:.0f} ms simulated step (min / median / max of {args.repeats})")
     for column in ("cameras", "train images", "images", "to step 0 (s)", "data per step (ms)", "data peak RSS (MB)", "decoded at step 0"):
         table.add_column(column, justify="right")
@@ -200,7 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     console.print(table)
     meta = {
         "date": date.today().isoformat(), "machine": platform.machine(), "python": platform.python_version(),
-        "photos": "lund_tiny's 256x192 JPEGs, one file per camera" if args.source == "lund" else "scenes.city at 256x192",
+        "photos": "lund_tiny's 256x192 JPEGs, one file per camera" if args.source == "lund"
+        else f"ms_splatfacto.scenes.city, {max(args.cameras)} JPEG views at 256x192 (smaller counts: evenly spread subsets)",
         "image_type": "uint8",
         "steps": args.steps, "step_s": args.step_s, "repeats": args.repeats, "cache_bytes": args.cache_bytes,
         "cameras_per_step": args.cameras_per_step, "wall_s": time.perf_counter() - started,
