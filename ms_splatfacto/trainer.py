@@ -110,7 +110,9 @@ class MsTrainer(Trainer):
                 super().setup(test_mode)
             except OSError as err:  # unreadable or vanished files, named by the error itself
                 raise InputError(f"Cannot read the dataset: {err}") from None
-            for dataset in (self.pipeline.datamanager.train_dataset, self.pipeline.datamanager.eval_dataset):
+            datamanager = self.pipeline.datamanager
+            streamed = getattr(datamanager, "images_mode", "cache") == "stream"  # unreadable ones are skipped and counted
+            for dataset in [datamanager.eval_dataset] if streamed else [datamanager.train_dataset, datamanager.eval_dataset]:
                 check_images_readable(dataset.image_filenames)
             if world.active():
                 launch.agree(launch.data_identity(self.pipeline.datamanager))
