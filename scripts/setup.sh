@@ -34,4 +34,10 @@ if [[ "$libs" != *libusb-1.0.so.0* ]]; then
     { apt-get update -qq && apt-get install -y -qq libusb-1.0-0; } > /dev/null \
         || echo "setup: could not install libusb-1.0-0 (not root?); ns-export will fail to import open3d" >&2
 fi
+if ! command -v chromium > /dev/null; then
+    # Headless Chromium opens ns-viewer in tests/test_viewer_browser.py, which skips without it.
+    echo "setup: installing chromium for the viewer's browser test"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } > /dev/null \
+        || echo "setup: could not install chromium (not root?); tests/test_viewer_browser.py will skip" >&2
+fi
 .venv/bin/python -m ms_splatfacto.backend.build
