@@ -10,6 +10,7 @@ read (ordinary tensors here) and state-dict loading (which re-stripes the loaded
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,7 +252,7 @@ class MsSplatfactoModel(SplatfactoModel):
             scales=torch.exp(params["scales"]),
             opacities=torch.sigmoid(params["opacities"]).squeeze(-1),
             colors=colors,
-            viewmats=get_viewmat(camera_to_world).to(self.device),
+            viewmats=eager_viewmat(camera_to_world).to(self.device),
             Ks=Ks,
             width=width,
             height=height,
@@ -327,6 +328,12 @@ class MsSplatfactoModel(SplatfactoModel):
 
                 loss_dict["tv_loss"] = 10 * total_variation_loss(self.bil_grids.grids)
         return loss_dict
+
+
+eager_viewmat = inspect.unwrap(get_viewmat)
+"""nerfstudio's `get_viewmat` without its torch.compile: the viewer interrupts a stale render by raising
+from a trace hook, which inside a compile comes back as InternalTorchDynamoError and kills the viewer's
+render thread; four matrix ops gain nothing from compiling."""
 
 
 class _NanMetric(torch.nn.Module):
