@@ -6,9 +6,12 @@ A checkpoint is nerfstudio's dict (step, pipeline, optimizers, schedulers, scale
 generator states) and "datamanager" (where the run is in its camera order), so a resumed run continues
 bit for bit like one that never stopped (nerfstudio saves neither of the last two).
 
-One process writes one file (`step-N.ckpt`, rows in global order). Several ranks write a folder of the
-same name with torch.distributed.checkpoint, each rank its own rows (`backend/aggregate/
-sharded_checkpoint.py`). `read_checkpoint` reads both, on any ranks x members.
+Several members (in one process or over several ranks) write a folder of the name `step-N.ckpt` with
+torch.distributed.checkpoint, each member's rows as they lie, nobody gathering the model
+(`backend/aggregate/sharded_checkpoint.py`). One member in one process writes one file (rows in global
+order, nerfstudio's own format), pickling its rows' storage as it is. `read_checkpoint` reads both
+(and files written by earlier versions), on any ranks x members; nerfstudio's loaders read folders
+through `install_eval_loader`. Long writes and reads show a progress bar with bytes and rate.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from torch import Tensor
 from ms_splatfacto.backend.aggregate import Members, aggregate, is_aggregate, restripe_optimizer_state, to_plain, world
 from ms_splatfacto.backend.aggregate import sharded_checkpoint
 from ms_splatfacto.errors import InputError
-from ms_splatfacto.io import atomic_torch_save
+from ms_splatfacto.io import CountingFile, atomic_torch_save
+from ms_splatfacto.observability import phase
 
 FORMAT = 1
 """Version of the checkpoint structure; a checkpoint of a newer format is refused."""
@@ -53,7 +57,8 @@ def layout_record(model) -> Dict[str, Any]:
 
 def checkpoint_state(step: int, pipeline, optimizers, grad_scaler) -> Dict[str, Any]:
     """What a checkpoint holds: nerfstudio's entries, the layout and the densification statistics, with
-    aggregates as ordinary tensors in global row order (their pickled form) and numpy scalars as numbers."""
+    numpy scalars as numbers. Aggregate tensors stay as they are (references, nothing gathered):
+    `write_checkpoint` writes each member's rows."""
     model = pipeline.model
     return plain_numbers({
         "step": step,
@@ -133,20 +138,60 @@ def plain_numbers(obj: Any) -> Any:
         return {key: plain_numbers(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(plain_numbers(value) for value in obj)
-    return obj.item() if isinstance(obj, np.generic) else obj
+    return obj.item() if isinstance(obj, np.generic) else obj  # tensors (aggregates too) as they are
+
+
+def _striped(obj: Any) -> bool:
+    """Whether `obj` holds an aggregate tensor over several members."""
+    if is_aggregate(obj):
+        return len(obj.members) > 1
+    if isinstance(obj, dict):
+        return any(_striped(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_striped(v) for v in obj)
+    return False
+
+
+def _own_rows(obj: Any) -> Any:
+    """`obj` with each aggregate of one process whose rows are one tensor's whole storage replaced by
+    that tensor (no copy: pickling an aggregate gathers a copy of it)."""
+    whole = obj._whole if is_aggregate(obj) and obj._layout.local_rows == obj.shape[0] else None
+    if whole is not None and whole.is_contiguous() and whole.untyped_storage().nbytes() == whole.nbytes:
+        return whole.detach()
+    if isinstance(obj, dict):
+        return {k: _own_rows(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_own_rows(v) for v in obj)
+    return obj
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def write_checkpoint(state: Dict[str, Any], checkpoint_dir: Path, step: int) -> Path:
     """Write `state` as `checkpoint_dir/step-<step>.ckpt`, atomically: the temporary lies beside the
     checkpoint folder (nerfstudio's loaders never see it), so an interrupted save keeps the previous
-    checkpoint. One file in one process; under torch.distributed (every rank calls this) a sharded
-    folder, each rank writing its own rows."""
+    checkpoint. Several members (under torch.distributed every rank calls this): a sharded folder, each
+    member's rows written as they lie; one member in one process: one file."""
     path = checkpoint_dir / f"step-{step:09d}.ckpt"
-    if world.active():
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        sharded_checkpoint.save(state, path, checkpoint_dir.parent / f".{path.name}.partial")
-    else:
-        atomic_torch_save(state, path, checkpoint_dir.parent)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with phase(f"writing checkpoint {path.name}", unit="bytes") as advance:
+        if world.active() or _striped(state):
+            try:
+                sharded_checkpoint.save(state, path, checkpoint_dir.parent / f".{path.name}.partial", progress=advance)
+            except sharded_checkpoint.CheckpointError as err:
+                raise InputError(f"Cannot write checkpoint {path}: {err}; the previous checkpoints stay loadable.") from None
+        else:
+            state = _own_rows(state)
+            advance(0, total=_tensor_bytes(state))
+            atomic_torch_save(state, path, checkpoint_dir.parent, progress=advance)
     return path
 
 
@@ -167,19 +212,23 @@ def checkpoint_path(load_dir: Optional[Path], step: Optional[int]) -> Optional[P
 def read_checkpoint(path: Path, members: Optional[Members] = None) -> Dict[str, Any]:
     """The checkpoint at `path`, loaded safely (weights only) on the CPU; refuses a missing, truncated or
     corrupt checkpoint, one that is not a nerfstudio checkpoint, and one written by another method or
-    format. A sharded one comes back with ordinary tensors in one process, and under torch.distributed
-    (every rank calls this) with its per-Gaussian rows striped over `members`, each rank reading its own."""
+    format. A sharded one comes back with its per-Gaussian rows striped over `members` (each member's
+    rows read into its own chunk; under torch.distributed every rank calls this and reads its own), or,
+    without `members`, with ordinary tensors in one process."""
     path = Path(path)
     if sharded_checkpoint.is_sharded(path):
         try:
-            loaded = sharded_checkpoint.load(path, members)
+            with phase(f"reading checkpoint {path.name}", unit="bytes") as advance:
+                loaded = sharded_checkpoint.load(path, members, progress=advance)
         except sharded_checkpoint.CheckpointError as err:
             raise InputError(f"Cannot read checkpoint {path}: {err}.") from None
     elif not path.is_file():
         raise InputError(f"Checkpoint {path} does not exist.")
     else:
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with phase(f"reading checkpoint {path.name}", total=path.stat().st_size, unit="bytes") as advance:
+                with open(path, "rb") as f:
+                    loaded = torch.load(CountingFile(f, advance), map_location="cpu", weights_only=True)
         except Exception as err:  # truncated, corrupt or not a torch file: torch names the damage
             raise InputError(f"Cannot read checkpoint {path} ({str(err).splitlines()[0]}); it may be truncated.") from None
     missing = [key for key in REQUIRED if not isinstance(loaded, dict) or key not in loaded]
@@ -349,8 +398,12 @@ def install_eval_loader() -> None:
         path = checkpoint_path(config.load_dir, config.load_step) if Path(config.load_dir).is_dir() else None
         if path is None or not sharded_checkpoint.is_sharded(path):
             return original(config, pipeline)
-        loaded = read_checkpoint(path)
-        pipeline.load_pipeline(loaded["pipeline"], loaded["step"])
+        members = getattr(pipeline.model, "members", None)
+        loaded = read_checkpoint(path, members if isinstance(members, Members) else None)
+        if any(is_aggregate(v) for v in loaded["pipeline"].values()):
+            load_striped_pipeline(pipeline, loaded["pipeline"], loaded["step"])  # each member's rows read into place
+        else:
+            pipeline.load_pipeline(loaded["pipeline"], loaded["step"])
         CONSOLE.print(f":white_check_mark: Done loading checkpoint from {path}")
         return path, loaded["step"]
 

@@ -18,16 +18,26 @@ and print them as a rich table after each refinement. Wire them in MsSplatfactoM
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Iterator, List, Optional, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from ms_splatfacto.backend.aggregate import exchange_counts, is_aggregate
+from ms_splatfacto.backend.aggregate import exchange_counts, is_aggregate, world
 from ms_splatfacto.backend.aggregate.exchange import sum_over_ranks
 
 T = TypeVar("T")
@@ -130,26 +140,47 @@ def member_callbacks(model) -> List[TrainingCallback]:
     ]
 
 
-def _progress(total: Optional[float]) -> Progress:
+def _progress(total: Optional[float], unit: str) -> Progress:
     columns = [SpinnerColumn(), TextColumn("{task.description}")]
-    if total is not None:
-        columns += [BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
+    if total is not None or unit == "bytes":
+        columns += [BarColumn(), TaskProgressColumn()]
+        if unit == "bytes":
+            columns += [DownloadColumn(), TransferSpeedColumn()]
+        columns += [TimeRemainingColumn()]
     return Progress(*columns, TimeElapsedColumn(), console=CONSOLE, transient=False)
 
 
-@contextlib.contextmanager
-def phase(description: str, total: Optional[float] = None) -> Iterator:
-    """A progress bar (with `total`) or spinner (without) for a long phase: kernel build, checkpoint
-    write, export. Yields `advance(amount=1)`.
+def _no_progress(amount: float = 1, total: Optional[float] = None) -> None:
+    return None
 
-        with phase("writing checkpoint") as advance: save(...)
+
+@contextlib.contextmanager
+def phase(description: str, total: Optional[float] = None, unit: str = "") -> Iterator[Callable[..., None]]:
+    """A progress bar (with `total`) or spinner (without) for a long phase: kernel build, checkpoint
+    write and load, export. Yields `advance(amount=1, total=None)`; a `total` given there sets the
+    bar's total (known only once the phase has begun). `unit="bytes"` shows bytes done of the total and
+    the rate. Only rank 0 shows it; on other ranks `advance` does nothing. Without a terminal rich
+    prints the finished bar once.
+
+        with phase("writing checkpoint", unit="bytes") as advance: save(..., progress=advance)
         with phase("exporting splats", total=n) as advance: ... advance(chunk)
     """
-    with _progress(total) as progress:
+    if world.rank() != 0:
+        yield _no_progress
+        return
+    with _progress(total, unit) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda amount=1: progress.advance(task, amount)
-        if total is not None:
-            progress.update(task, completed=total)
+
+        def advance(amount: float = 1, total: Optional[float] = None) -> None:
+            if total is not None:
+                progress.update(task, total=total)
+            if amount:
+                progress.advance(task, amount)
+
+        yield advance
+        final = progress.tasks[0].total
+        if final is not None:
+            progress.update(task, completed=final)
 
 
 def track(items: Iterable[T], description: str, total: Optional[int] = None) -> Iterator[T]:

@@ -101,3 +101,23 @@ def test_progress_helpers_run_to_completion():
     with phase("writing a checkpoint") as advance:
         advance()
     assert list(track(range(3), "exporting")) == [0, 1, 2]
+
+
+def test_byte_progress_shows_bytes_and_rate(capsys):
+    """A bar whose total is known only once the phase has begun, in bytes; rich prints it finished once
+    when the output is not a terminal."""
+    with phase("writing checkpoint step-1", unit="bytes") as advance:
+        advance(0, total=3_000_000)
+        for _ in range(3):
+            advance(1_000_000)
+    out = capsys.readouterr().out
+    assert "writing checkpoint step-1" in out and "100%" in out and "3.0/3.0 MB" in out and "/s" in out, out
+
+
+def test_progress_only_on_rank_0(capsys, monkeypatch):
+    from ms_splatfacto.backend.aggregate import world
+
+    monkeypatch.setattr(world, "rank", lambda: 1)
+    with phase("exporting", unit="bytes") as advance:
+        advance(10, total=10)
+    assert "exporting" not in capsys.readouterr().out

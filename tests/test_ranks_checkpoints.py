@@ -1,6 +1,7 @@
 """Checkpoints and launch across ranks (gloo on loopback, one thread per rank): a sharded checkpoint
 written by 2 ranks (1 and 2 members each) loads in one process (cpu, cpu:3) and on 3 ranks with the
-same parameters, Adam moments and statistics bit for bit; a one-process checkpoint loads on 2 ranks;
+same parameters, Adam moments and statistics bit for bit; a one-process checkpoint (one member: a file;
+four: a sharded folder) loads on 2 ranks;
 an incomplete one is refused in one line; ranks that disagree at start-up are refused in one line; a
 peer that goes away stops the others in one line; `ns-train --load-dir` resumes bit for bit.
 The end-to-end torchrun runs are marked slow."""
@@ -136,10 +137,12 @@ def test_sharded_checkpoint_loads_on_three_ranks(sharded, tmp_path: Path):
         assert_same(got, saved)
 
 
-def test_one_process_checkpoint_loads_on_two_ranks(tmp_path: Path):
-    pipeline, optimizers = trained_state("cpu:4")
+@pytest.mark.parametrize("spec", ["cpu", "cpu:4"])
+def test_one_process_checkpoint_loads_on_two_ranks(tmp_path: Path, spec: str):
+    """One member writes one file, four members in one process a sharded folder: both load on 2 ranks."""
+    pipeline, optimizers = trained_state(spec)
     path = write_checkpoint(checkpoint_state(STEP, pipeline, optimizers, GradScaler("cpu", enabled=False)), tmp_path / "models", STEP)
-    assert path.is_file()
+    assert path.is_file() == (spec == "cpu") and path.is_dir() == (spec == "cpu:4")
     saved = snapshot(pipeline, optimizers)
     for got in run_ranks(2, load_program, "cpu:2", str(path), tmp=tmp_path):
         assert_same(got, saved)
