@@ -15,6 +15,7 @@ import torch
 import yaml
 from plyfile import PlyData
 
+from ms_splatfacto.checkpoints import read_checkpoint
 from tests.conftest import BIN, TRAIN_STEPS, TrainedRun, ns, train
 
 PSNR_FLOOR = 13.0
@@ -38,7 +39,7 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def latest_checkpoint(run: TrainedRun) -> dict:
     (path,) = sorted(run.checkpoint_dir.glob("step-*.ckpt"))[-1:]
-    return torch.load(path, map_location="cpu")
+    return read_checkpoint(path)  # a file (one member) or a sharded folder (several)
 
 
 def gaussian_params(checkpoint: dict) -> dict[str, torch.Tensor]:
