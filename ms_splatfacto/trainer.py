@@ -150,8 +150,9 @@ class MsTrainer(Trainer):
 
     def save_checkpoint(self, step: int) -> None:
         """As nerfstudio's, with the layout, random generators and camera order recorded, never from
-        non-finite parameters, and written atomically (see `write_checkpoint`; several ranks write one
-        sharded folder): an interrupted save keeps the previous checkpoint."""
+        non-finite parameters, and written atomically (see `write_checkpoint`; several members, in one
+        process or over ranks, write one sharded folder, each its own rows): an interrupted save keeps
+        the previous checkpoint."""
         pipeline = self._unwrapped_pipeline()
         bad = first_nonfinite(pipeline.model.named_parameters())
         if bad is not None:
