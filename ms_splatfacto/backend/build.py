@@ -12,6 +12,7 @@ package cannot count on writing to site-packages, so it caches in `$MS_SPLATFACT
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -67,16 +68,31 @@ def build_extension(name: str, sources: List[Path], build_dir: Path, what: str, 
     except OSError as err:
         raise KernelBuildError(f"Cannot create the build cache {build_dir} ({err}); set MS_SPLATFACTO_CACHE to a writable folder.") from err
     try:
-        load(
-            name=name,
-            sources=[str(s) for s in sources],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=bool(os.environ.get("MS_SPLATFACTO_VERBOSE_BUILD")),
-            **options,
-        )
+        with _build_progress(what):
+            load(
+                name=name,
+                sources=[str(s) for s in sources],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=bool(os.environ.get("MS_SPLATFACTO_VERBOSE_BUILD")),
+                **options,
+            )
     except Exception as err:  # the compiler's own message is in err
         raise KernelBuildError(f"Building {what} failed: {err}\n{hint}") from err
+
+
+def _build_progress(what: str):
+    """A spinner with the elapsed time on stderr while the compiler runs (a minute or more the first
+    time, with nothing else to show); nothing where rich is absent (the GPU check needs torch alone)."""
+    try:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return contextlib.nullcontext()
+    progress = Progress(SpinnerColumn(), TextColumn(f"building {what}"), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=True)
+    progress.add_task("build", total=None)
+    return progress
 
 
 @functools.lru_cache(maxsize=None)
