@@ -17,6 +17,7 @@ from plyfile import PlyData
 from ms_splatfacto.scenes import city
 from ms_splatfacto.scenes.city import ROAD_HALF_WIDTH, generate_city_scene
 from ms_splatfacto.scenes.street import Pinhole
+from tests.test_street_scene import read_meta
 
 REPO = Path(__file__).resolve().parents[1]
 CAMERAS, WIDTH, HEIGHT, POINTS = 40, 64, 48, 3000
@@ -32,11 +33,6 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def parsed(scene: Path):
     parser = NerfstudioDataParserConfig(data=scene, load_3D_points=True).setup()
     return parser.get_dataparser_outputs("train"), parser.get_dataparser_outputs("val")
-
-
-def read_meta(scene: Path) -> tuple[dict, Pinhole]:
-    meta = json.loads((scene / "transforms.json").read_text())
-    return meta, Pinhole(meta["fl_x"], meta["fl_y"], meta["cx"], meta["cy"], meta["w"], meta["h"])
 
 
 def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:

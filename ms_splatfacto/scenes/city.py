@@ -25,6 +25,7 @@ from PIL import Image
 
 from ms_splatfacto.scenes.city_textures import ROAD_HALF_WIDTH, STREET, ground_albedo, palette, roof_albedo, wall_albedo
 from ms_splatfacto.scenes.street import (
+    nerfstudio_meta,
     AMBIENT, DIFFUSE, SKY_HORIZON, SKY_ZENITH, SUN, Pinhole, _check_int, camera_rays, check_output_dir, staged_dataset,
     to_uint8, write_ply,
 )
@@ -323,15 +324,9 @@ def generate_city_scene(
         write_ply(staging / "sparse_pc.ply", xyz.astype(np.float32), rgb[keep])
         frames = [{"file_path": f"images/frame_{i:05d}{suffix}", "transform_matrix": c2w.tolist(), "camera_kind": kind}
                   for i, (c2w, kind) in enumerate(zip(poses, kinds))]
-        meta = {
-            "camera_model": "OPENCV",
-            "fl_x": camera.fx, "fl_y": camera.fy, "cx": camera.cx, "cy": camera.cy, "w": width, "h": height,
-            "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
-            "ply_file_path": "sparse_pc.ply",
-            "frames": frames,
-            "generator": {"scene": "ms_splatfacto.scenes.city", "seed": seed, "blocks": blocks,
-                          "num_points": int(len(keep)), "up": [0.0, 0.0, 1.0]},
-        }
+        meta = nerfstudio_meta(camera, width, height, frames,
+                               {"scene": "ms_splatfacto.scenes.city", "seed": seed, "blocks": blocks,
+                                "num_points": int(len(keep)), "up": [0.0, 0.0, 1.0]})
         (staging / "transforms.json").write_text(json.dumps(meta, indent=1))
     return output_dir
 

@@ -286,6 +286,19 @@ def sample_seed_points(
     return points.astype(np.float32), np.concatenate(rgb)[:num_points]
 
 
+def nerfstudio_meta(camera, width: int, height: int, frames: list, generator: dict) -> dict:
+    """transforms.json of a generated scene: one undistorted pinhole camera shared by all frames, and the
+    seed points in sparse_pc.ply."""
+    return {
+        "camera_model": "OPENCV",
+        "fl_x": camera.fx, "fl_y": camera.fy, "cx": camera.cx, "cy": camera.cy, "w": width, "h": height,
+        "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
+        "ply_file_path": "sparse_pc.ply",
+        "frames": frames,
+        "generator": generator,
+    }
+
+
 def write_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray) -> None:
     """Vertices with x, y, z float and red, green, blue uchar: what nerfstudio's loader (open3d) expects."""
     vertex = np.empty(len(xyz), dtype=[(n, "f4") for n in "xyz"] + [(n, "u1") for n in ("red", "green", "blue")])
@@ -369,14 +382,8 @@ def generate_street_scene(
             Image.fromarray(render(layout, c2w, camera)).save(staging / file_path)
             frames.append({"file_path": file_path, "transform_matrix": c2w.tolist()})
         write_ply(staging / "sparse_pc.ply", *sample_seed_points(layout, poses, camera, num_points, rng))
-        meta = {
-            "camera_model": "OPENCV",
-            "fl_x": camera.fx, "fl_y": camera.fy, "cx": camera.cx, "cy": camera.cy, "w": width, "h": height,
-            "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
-            "ply_file_path": "sparse_pc.ply",
-            "frames": frames,
-            "generator": {"scene": "ms_splatfacto.scenes.street", "seed": seed, "num_points": num_points},
-        }
+        meta = nerfstudio_meta(camera, width, height, frames,
+                               {"scene": "ms_splatfacto.scenes.street", "seed": seed, "num_points": num_points})
         (staging / "transforms.json").write_text(json.dumps(meta, indent=2))
     return output_dir
 

@@ -290,18 +290,27 @@ def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[i
     return out
 
 
+def _own_rows(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torch.dtype) -> Dict[int, Tensor]:
+    """Each local member's pixel rows ([rows, W, channels] views of the frames it rendered; empty for
+    members without tiles)."""
+    m = plan.layout.members
+    bounds = plan.pixel_row_bounds()
+    rows = {}
+    for r in m.local:
+        work = plan.work[r]
+        if work is None:
+            rows[r] = torch.zeros((0, plan.width, channels), dtype=dtype, device=m.devices[r])
+            continue
+        first = work.cam_lo * plan.height
+        rows[r] = images[r].reshape(-1, plan.width, channels)[bounds[r] - first : bounds[r + 1] - first]
+    return rows
+
+
 def _assemble(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torch.dtype, device) -> Tensor:
     """The [C, H, W, channels] image on every rank: each member sends its pixel rows to every rank."""
     m = plan.layout.members
     bounds = plan.pixel_row_bounds()
-    parts = {}
-    for r in m.local:
-        work = plan.work[r]
-        if work is None:
-            parts[r] = torch.zeros((0, plan.width, channels), dtype=dtype, device=m.devices[r])
-            continue
-        first = work.cam_lo * plan.height
-        parts[r] = images[r].reshape(-1, plan.width, channels)[bounds[r] - first : bounds[r + 1] - first]
+    parts = _own_rows(plan, images, channels, dtype)
     got = exchange.replicate(m, parts, rows_per_member=[b - a for a, b in zip(bounds, bounds[1:])])
     return torch.cat([rows.to(device) for rows in got]).view(plan.n_cameras, plan.height, plan.width, channels)
 
@@ -310,16 +319,9 @@ def _split(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torc
     """The [C * H, W, channels] image as an aggregate over pixel rows: each member keeps the rows of
     its tiles, nothing moves."""
     m = plan.layout.members
-    bounds = plan.pixel_row_bounds()
-    chunks: List[Optional[Tensor]] = [None] * len(m)
-    for r in m.local:
-        work = plan.work[r]
-        if work is None:
-            chunks[r] = torch.zeros((0, plan.width, channels), dtype=dtype, device=m.devices[r])
-            continue
-        first = work.cam_lo * plan.height
-        chunks[r] = images[r].reshape(-1, plan.width, channels)[bounds[r] - first : bounds[r + 1] - first].contiguous()
-    return wrap(Layout(tuple(bounds), m), chunks=chunks)
+    own = _own_rows(plan, images, channels, dtype)
+    chunks: List[Optional[Tensor]] = [own[r].contiguous() if r in own else None for r in range(len(m))]
+    return wrap(Layout(tuple(plan.pixel_row_bounds()), m), chunks=chunks)
 
 
 def _member_rows(plan: TilePlan, v: Tensor, r: int) -> Tensor:
