@@ -13,7 +13,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -128,43 +127,54 @@ def test_a_write_failing_midway_keeps_the_previous_checkpoint(saved, tmp_path: P
 
 
 CHILD = r"""
-import sys, torch
+import sys, time, torch
 from pathlib import Path
-from ms_splatfacto.backend.aggregate import aggregate
+from ms_splatfacto.backend.aggregate import aggregate, sharded_checkpoint
 from ms_splatfacto.checkpoints import write_checkpoint
-folder, rows = Path(sys.argv[1]), int(sys.argv[2])
+folder = Path(sys.argv[1])
 state = {"step": 1, "pipeline": {"means": aggregate(torch.arange(12.0).reshape(4, 3), "cpu:4")}, "optimizers": {}, "scalers": {}}
 write_checkpoint(state, folder, 1)
 print("saved", flush=True)
-state["pipeline"]["means"] = aggregate(torch.ones(rows), "cpu:4")
+ask_for_the_next_item = sharded_checkpoint._SavePlanner.lookup_object
+
+def stall_after_the_first_item(self, index):  # the kill then lands midway on any machine, fast or slow
+    if self.pending:
+        print("midway", flush=True)
+        time.sleep(600)
+    return ask_for_the_next_item(self, index)
+
+sharded_checkpoint._SavePlanner.lookup_object = stall_after_the_first_item
+state["pipeline"]["means"] = aggregate(torch.ones(1 << 20), "cpu:4")
 write_checkpoint(state, folder, 2)
 print("done", flush=True)
 """
 
 
+def _read_until(child: subprocess.Popen, wanted: str) -> None:
+    line = ""
+    while line != wanted:  # other lines: the progress bar's
+        ready, _, _ = select.select([child.stdout], [], [], 300)
+        if not ready:
+            pytest.fail(f"the child printed nothing for 300 s while we waited for {wanted!r}")
+        line = child.stdout.readline()
+        if not line:
+            pytest.fail(f"the child exited (code {child.wait()}) before printing {wanted!r}")
+        line = line.strip()
+
+
 def test_a_write_killed_midway_leaves_the_previous_checkpoint_and_nothing_the_loaders_see(tmp_path: Path):
-    for attempt in range(3):  # a larger write if the child finished before the kill landed
-        folder = tmp_path / str(attempt) / "nerfstudio_models"
-        partial = folder.parent / ".step-000000002.ckpt.partial"
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(2 ** (25 + attempt))], cwd=REPO, stdout=subprocess.PIPE, text=True)
-        try:
-            line = ""
-            while line != "saved":  # after the progress bar's line
-                ready, _, _ = select.select([child.stdout], [], [], 300)
-                line = child.stdout.readline().strip() if ready else pytest.fail("the child wrote no first checkpoint")
-            deadline, caught = time.monotonic() + 120, False
-            while not caught and child.poll() is None and time.monotonic() < deadline:
-                caught = any(p.stat().st_size > 0 for p in partial.glob("*.distcp")) if partial.is_dir() else False
-            if caught:
-                os.kill(child.pid, signal.SIGKILL)
-            child.wait(timeout=60)
-        finally:
-            if child.poll() is None:
-                child.kill()
-        if caught and child.returncode == -signal.SIGKILL:
-            break
-    else:
-        pytest.fail("the child finished its save before it could be killed, three times")
+    folder = tmp_path / "nerfstudio_models"
+    partial = folder.parent / ".step-000000002.ckpt.partial"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        _read_until(child, "saved")
+        _read_until(child, "midway")  # one member's rows are on disk, the next are not
+        assert any(p.stat().st_size > 0 for p in partial.glob("*.distcp"))
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
     assert [p.name for p in folder.iterdir()] == ["step-000000001.ckpt"] and partial.is_dir()  # beside, hidden
     latest = checkpoint_path(folder, None)
     loaded = read_checkpoint(latest)
