@@ -10,7 +10,10 @@ As a subprocess (one peak-memory measurement per process):
 
     .venv/bin/python benchmarks/stepbench.py --gaussians 200000 --devices cpu:4 --steps 2
 
-prints one JSON line: baseline and peak resident memory (bytes) and the step's timings.
+prints one JSON line: baseline and peak resident memory (bytes) and the step's timings. With
+`--time-steps R` it instead times R steps after `--warmup` steps (Morton row order, as training has after
+its first refinement) and prints each step's phase times: what `benchmarks/step_table.py` runs in
+alternating subprocesses.
 """
 
 from __future__ import annotations
@@ -184,6 +187,22 @@ def measure_memory(gaussians: int, devices: str, steps: int, kernels: str = "cpu
             "peak_rss": peak, "peak_over_baseline": peak - baseline, "peak_reset": reset_ok, "step_s": times}
 
 
+def measure_time(gaussians: int, devices: str, steps: int, warmup: int, kernels: str = "cpu", sh_degree: int = 3) -> Dict[str, object]:
+    """Phase times of `steps` training steps after `warmup` untimed ones, Gaussians in Morton order."""
+    from ms_splatfacto.backend.morton import morton_order
+
+    model = build_model(devices, kernels, sh_degree)
+    g = synthetic_gaussians(gaussians, sh_degree)
+    order = morton_order(g["means"])
+    optimizers = load(model, {k: v[order] for k, v in g.items()})
+    n_cameras = len(scene()[0])
+    for i in range(warmup):
+        train_step(model, optimizers, i % n_cameras)
+    runs = [train_step(model, optimizers, (warmup + i) % n_cameras)[0] for i in range(steps)]
+    return {"gaussians": gaussians, "devices": devices, "sh_degree": sh_degree, "warmup": warmup, "threads": torch.get_num_threads(),
+            "total_s": [r["total"] for r in runs], "phases_s": {k: [r[k] for r in runs] for k in PHASES}}
+
+
 def main(argv: List[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gaussians", type=int, required=True)
@@ -192,9 +211,14 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--kernels", default="cpu")
     parser.add_argument("--sh-degree", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--time-steps", type=int, default=0, help="time this many steps instead of measuring memory")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before --time-steps")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.time_steps:
+        print(json.dumps(measure_time(args.gaussians, args.devices, args.time_steps, args.warmup, args.kernels, args.sh_degree)))
+        return
     print(json.dumps(measure_memory(args.gaussians, args.devices, args.steps, args.kernels, args.sh_degree)))
 
 
