@@ -7,11 +7,15 @@ image size: it takes the next camera of the seeded order and the next ones of th
 
 `images stream` decodes the next steps' images on worker threads into a byte-bounded cache
 (`image_stream.py`) instead of decoding every image before step 0; it gives the same images, cameras and
-order as `cache` (nerfstudio's behaviour) bit for bit.
+order as `cache` (nerfstudio's behaviour) bit for bit. With one camera per step (the model renders it
+split over pixel rows) the workers read only the files' bytes, and the batch's `image_rows` lets each
+member decode just the rows it renders (`image_rows.py`); `image` is then absent from the batch. In
+cache mode `image_rows` slices the cached image.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import weakref
 from contextlib import contextmanager
@@ -28,8 +32,10 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from rich.progress import track
 
 from ms_splatfacto.errors import InputError
+from ms_splatfacto.image_rows import KernelBuildError, TensorRows, image_ops
 from ms_splatfacto.image_stream import (
-    BAD_IMAGE_ERRORS, ImageStream, LazyImages, decode, decoded_bytes, human_bytes, undistort_intrinsics,
+    BAD_IMAGE_ERRORS, ImageStream, LazyImages, decode, decoded_bytes, human_bytes, load_rows, rows_supported,
+    undistort_intrinsics,
 )
 
 GiB = 2**30
@@ -60,6 +66,10 @@ class MsDatamanagerConfig(FullImageDatamanagerConfig):
     """With `images stream`: threads decoding images ahead of training."""
     prefetch_steps: int = 8
     """With `images stream`: decode the images of this many steps ahead (as far as `cache-bytes` allows)."""
+    member_rows: bool = True
+    """With `images stream` and one camera per step: the workers read the next images' files, and during the
+    step each member of the model decodes only the pixel rows it renders (plus the SSIM halo rows), not the
+    whole image. False decodes whole images ahead on the workers."""
     max_bad_image_fraction: float = 0.05
     """With `images stream`: an unreadable or truncated training image is skipped with one line; training
     stops when more than this fraction of the training images is unreadable."""
@@ -76,6 +86,8 @@ class MsDatamanager(FullImageDatamanager):
         self._first_batch = True
         self._planned: Optional[Tuple[int, int]] = None
         """The camera order (list id, length) the stream's window was planned from."""
+        self.member_rows = False
+        """Whether the stream reads files and the members decode their own rows (see `member_rows`)."""
         check_config(config)
         super().__init__(config, *args, **kwargs)
         if self.config.cache_images == "cpu" and torch.device(self.device).type == "cpu":
@@ -105,9 +117,14 @@ class MsDatamanager(FullImageDatamanager):
         self._raw_eval = undistort_intrinsics(self.eval_dataset, "eval")
         on_device = config.cache_images == "gpu"
         self.train_cameras = self.train_dataset.cameras.to(self.device) if on_device else self.train_dataset.cameras
+        self.member_rows = self._member_rows_possible()
+        load, estimate = partial(decode, self.train_dataset, self._raw_train, image_type=image_type), sizes.__getitem__
+        if self.member_rows:
+            load = partial(load_rows, self.train_dataset, self._raw_train, image_type=image_type)
+            files = [file_bytes(path) for path in self.train_dataset.image_filenames]
+            estimate = files.__getitem__
         self._stream = ImageStream(  # no reference back to the datamanager: the finalizer below can run
-            partial(decode, self.train_dataset, self._raw_train, image_type=image_type), sizes.__getitem__,
-            config.cache_bytes, config.prefetch_workers,
+            load, estimate, config.cache_bytes, config.prefetch_workers,
         )
         weakref.finalize(self, self._stream.close)
         if torch.device(self.device).type == "cuda":  # pinned copies of the next batch on a side stream
@@ -115,12 +132,25 @@ class MsDatamanager(FullImageDatamanager):
         why = ""
         if config.images == "auto":
             why = f", above --pipeline.datamanager.stream-above-bytes {human_bytes(config.stream_above_bytes)}"
+        rows = ", each member decoding the pixel rows it renders" if self.member_rows else ""
         CONSOLE.log(
             f"Streaming {len(self.train_dataset)} training images from disk ({human_bytes(sum(sizes))} decoded{why}): "
             f"{config.prefetch_workers} workers, {config.prefetch_steps} steps ahead, "
-            f"a cache of {human_bytes(config.cache_bytes)}."
+            f"a cache of {human_bytes(config.cache_bytes)}{rows}."
         )
         self._prefetch()
+
+    def _member_rows_possible(self) -> bool:
+        """`member-rows` where it can work: one camera per step, nerfstudio's plain image dataset, and the
+        row decoder built (else one line, and whole images as before)."""
+        if not (self.config.member_rows and self.config.cameras_per_step == 1 and rows_supported(self.train_dataset)):
+            return False
+        try:
+            image_ops()
+        except KernelBuildError as err:
+            CONSOLE.log(f"[yellow]Decoding whole training images: the row decoder is unavailable ({str(err).splitlines()[0]})[/yellow]")
+            return False
+        return True
 
     @cached_property
     def cached_train(self):
@@ -277,7 +307,9 @@ class MsDatamanager(FullImageDatamanager):
         staged = self._staged if self._staged is not None and self._staged[0] == indices else None
         if len(indices) == 1:  # one camera (also a short batch) as nerfstudio gives it: the model takes it unbatched
             data = datas[0].copy()  # as nerfstudio: never mutate the cached dictionary
-            data["image"] = staged[1]["image"] if staged else data["image"].to(self.device)
+            if "image" in data:  # else the members read their rows from data["image_rows"]
+                data["image"] = staged[1]["image"] if staged else data["image"].to(self.device)
+                data["image_rows"] = TensorRows(data["image"])
             camera = self.train_cameras[indices[0] : indices[0] + 1].to(self.device)
             if camera.metadata is None:
                 camera.metadata = {}
@@ -302,7 +334,7 @@ class MsDatamanager(FullImageDatamanager):
         """CUDA only: start copying the next step's batch, if already decoded, from pinned memory on a side
         stream, so the copy overlaps this step's compute."""
         self._staged = None
-        if getattr(self, "_copy_stream", None) is None:
+        if getattr(self, "_copy_stream", None) is None or self.member_rows:
             return
         upcoming = self.upcoming(1)[0]
         if not all(self._stream.ready(i) for i in upcoming) or any(i in self._stream.bad for i in upcoming):
@@ -312,6 +344,14 @@ class MsDatamanager(FullImageDatamanager):
         with torch.cuda.stream(self._copy_stream):
             moved = {k: v.pin_memory().to(self.device, non_blocking=True) if k == "image" else v for k, v in pinned.items()}
         self._staged = (upcoming, moved)
+
+
+def file_bytes(path) -> int:
+    """A file's size (0 where it cannot be read: it is counted when met)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def stack(datas: List[Dict], device) -> Dict:

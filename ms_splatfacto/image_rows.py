@@ -260,10 +260,14 @@ class ImageRows:
     def held_bytes(self) -> int:
         return self.data.numel()
 
-    def read(self, lo: int, hi: int, device: Optional[torch.device] = None) -> torch.Tensor:  # [hi - lo, W, C]
-        """Rows [lo, hi) on `device` (the CPU by default), equal to the cached image's rows bit for bit."""
+    def read(self, lo: int, hi: int, device: Optional[torch.device] = None, member: Optional[int] = None) -> torch.Tensor:
+        """Rows [lo, hi) ([hi - lo, W, C]) on `device` (the CPU by default), equal to the cached image's
+        rows bit for bit; counted in `COUNTS` as read by `member` where given."""
         if not 0 <= lo <= hi <= self.rows:
             raise ValueError(f"rows [{lo}, {hi}) outside the {self.rows} rows of {self.path}")
+        if member is not None:
+            with reading_as(f"member {member}"):
+                return self.read(lo, hi, device)
         try:
             try:
                 if not self.by_rows:
@@ -306,7 +310,8 @@ class TensorRows:
         self.image = image
         self.rows, self.width = image.shape[0], image.shape[1]
 
-    def read(self, lo: int, hi: int, device: Optional[torch.device] = None) -> torch.Tensor:  # [hi - lo, W, C]
+    def read(self, lo: int, hi: int, device: Optional[torch.device] = None, member: Optional[int] = None) -> torch.Tensor:
+        """Rows [lo, hi) ([hi - lo, W, C]) on `device`."""
         if not 0 <= lo <= hi <= self.rows:
             raise ValueError(f"rows [{lo}, {hi}) outside the image's {self.rows} rows")
         rows = self.image[lo:hi]

@@ -5,7 +5,8 @@ nerfstudio's full-image datamanager decodes (and undistorts) every image up fron
 the images of the next steps' cameras (the camera order is drawn ahead, so they are known) into a cache
 bounded in bytes. PIL and OpenCV release the GIL while decoding, so threads overlap with training.
 Each image goes through nerfstudio's own per-image path (`get_data`, `_undistort_image`), so a streamed
-image equals the cached one bit for bit.
+image equals the cached one bit for bit. With one camera per step the workers read only the files' bytes
+(`load_rows`), and each member decodes the rows it renders during the step (`image_rows.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from copy import deepcopy
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import cv2
@@ -22,6 +24,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.data.datamanagers.full_images_datamanager import _undistort_image
 from nerfstudio.data.datasets.base_dataset import InputDataset
+from nerfstudio.data.utils.data_utils import get_image_mask_tensor_from_path
 from PIL import Image
 from rich.progress import track
 
@@ -106,6 +109,44 @@ def decode(dataset: InputDataset, raw: Cameras, idx: int, image_type: str) -> Di
     return data
 
 
+def rows_supported(dataset: InputDataset) -> bool:
+    """Whether `load_rows` can stand for `decode` on this dataset: nerfstudio's own per-image data (image,
+    mask), nothing a subclass adds (depth, semantics)."""
+    return type(dataset).get_data is InputDataset.get_data and type(dataset).get_metadata is InputDataset.get_metadata
+
+
+def load_rows(dataset: InputDataset, raw: Cameras, idx: int, image_type: str) -> Dict:
+    """Training image `idx` for members that decode their own rows (`image_rows.ImageRows`): the file's
+    bytes, checked whole (recognised, the size its camera says, ending with its end marker), and the mask
+    as `decode` gives it; no pixel is decoded here."""
+    from ms_splatfacto.image_rows import ImageRows, check_complete
+
+    path = Path(dataset.image_filenames[idx])
+    content = path.read_bytes()
+    if not content:
+        raise OSError("empty file")
+    data = torch.frombuffer(bytearray(content), dtype=torch.uint8)
+    check_complete(data, path)
+    camera = raw[idx].reshape(())
+    with Image.open(path) as image:
+        size = image.size
+    if dataset.scale_factor == 1.0:
+        assert size == (camera.width.item(), camera.height.item()), (
+            f"The size of image {size} loaded does not match the camera parameters ({camera.width.item(), camera.height.item()})"
+        )
+    trained = (int(dataset.cameras.height[idx].item()), int(dataset.cameras.width[idx].item()))
+    out = {"image_idx": idx, "image_rows": ImageRows(dataset, raw, idx, image_type, data, trained)}
+    outputs = dataset._dataparser_outputs
+    if outputs.mask_filenames is not None:
+        mask = get_image_mask_tensor_from_path(filepath=outputs.mask_filenames[idx], scale_factor=dataset.scale_factor)
+        if has_distortion(camera):  # undistorted as `decode` does it, beside a blank image of the camera's size
+            blank = np.zeros((int(camera.height.item()), int(camera.width.item())), dtype=np.uint8)
+            K = camera.get_intrinsics_matrices().numpy()
+            _, _, mask = _undistort_image(camera, camera.distortion_params.numpy(), {"mask": mask}, blank, K)
+        out["mask"] = mask
+    return out
+
+
 def human_bytes(n: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -114,13 +155,16 @@ def human_bytes(n: int) -> str:
 
 
 def data_bytes(data: Dict) -> int:
-    """Bytes a decoded image's tensors hold: their whole storage (an undistorted image is a cropped view)."""
-    storages = {}
+    """Bytes a decoded image's tensors hold: their whole storage (an undistorted image is a cropped view),
+    and the file bytes of a row source."""
+    storages, extra = {}, 0
     for value in data.values():
         if torch.is_tensor(value):
             storage = value.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        elif hasattr(value, "held_bytes"):
+            extra += value.held_bytes
+    return sum(storages.values()) + extra
 
 
 class LazyImages(Sequence):

@@ -27,17 +27,20 @@ from nerfstudio.models.splatfacto import (
     get_viewmat,
     num_sh_bases,
     random_quat_tensor,
+    resize_image,
 )
 from nerfstudio.utils.colors import get_color
 from nerfstudio.utils.rich_utils import CONSOLE
 from pytorch_msssim import SSIM
 from torch import Tensor
+from torchmetrics.functional.image.psnr import _psnr_compute
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from ms_splatfacto.backend import DeviceSpecError
 from ms_splatfacto.backend.aggregate import Members, is_aggregate, members, parameter, to_plain, world
 from ms_splatfacto.backend.ops.loss import accumulation_dtype, band_rows, banded_l1_ssim, split_l1_ssim
 from ms_splatfacto.backend.ops.render import rasterization
+from ms_splatfacto.backend.ops.row_inputs import RowBands, read_bands, split_squared_error
 from ms_splatfacto.observability import member_callbacks
 from ms_splatfacto.strategy import MsStrategy
 
@@ -285,35 +288,74 @@ class MsSplatfactoModel(SplatfactoModel):
 
     def _gt_images(self, batch: Dict[str, Tensor], background: Tensor) -> Tensor:
         """Ground truth as splatfacto prepares it ([H, W, 3]), image by image for a batch ([B, H, W, 3])."""
-        images = batch["image"]
+        images = batch["image"] if "image" in batch else batch["image_rows"].read(0, batch["image_rows"].rows)
         if images.dim() == 3:
             return self.composite_with_background(self.get_gt_img(images), background)
         return torch.stack([self.composite_with_background(self.get_gt_img(image), background) for image in images])
 
+    def _gt_bands(self, outputs: Dict[str, Tensor], batch: Dict) -> Optional[RowBands]:
+        """In split training, the ground truth as splatfacto prepares it, but as each member's band of rows
+        (its rendered rows and SSIM halo) read on the member from the batch's row source (`image_rows`);
+        read once per step (the metrics and the loss share it). None where the image is whole."""
+        pred, source = outputs["rgb"], batch.get("image_rows") if isinstance(batch, dict) else None
+        if source is None or not is_aggregate(pred):
+            return None
+        background, scale = outputs["background"], self._get_downscale_factor()
+        key = (source, background, tuple(pred._layout.bounds), scale)
+        cached = getattr(self, "_bands_cache", None)
+        if cached is not None and cached[0][0] is source and cached[0][1] is background and cached[0][2:] == key[2:]:
+            return cached[1]
+
+        def prepare(rows: Tensor) -> Tensor:  # splatfacto's get_gt_img, on the member's device
+            rows = rows.float() / 255.0 if rows.dtype == torch.uint8 else rows
+            return resize_image(rows, scale) if scale > 1 else rows
+
+        bands = read_bands(pred, source, scale, prepare).map(
+            lambda band, background: self.composite_with_background(band, background), shared={"background": background}
+        )
+        self._bands_cache = (key, bands)
+        return bands
+
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
-        gt_rgb, predicted_rgb = self._gt_images(batch, outputs["background"]), outputs["rgb"]
-        metrics_dict = {"psnr": self.psnr(predicted_rgb, gt_rgb), "gaussian_count": self.num_points}
+        predicted_rgb, bands = outputs["rgb"], self._gt_bands(outputs, batch)
+        if bands is not None:  # torchmetrics' PSNR from the members' squared-error partials
+            sse = split_squared_error(predicted_rgb, bands)
+            numel = torch.tensor(math.prod(bands.shape), device=sse.device)
+            metrics_dict = {"psnr": _psnr_compute(sse, numel, self.psnr.data_range.to(sse.device), base=self.psnr.base)}
+        else:
+            metrics_dict = {"psnr": self.psnr(predicted_rgb, self._gt_images(batch, outputs["background"]))}
+        metrics_dict["gaussian_count"] = self.num_points
         if self.config.color_corrected_metrics:
+            gt_rgb = self._gt_images(batch, outputs["background"])
             metrics_dict["cc_psnr"] = self.psnr(color_correct(predicted_rgb, gt_rgb), gt_rgb)
         self.camera_optimizer.get_metrics_dict(metrics_dict)
         return metrics_dict
 
-
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
-        """Splatfacto's losses, with L1 + SSIM computed in bands of tile rows, one per member."""
-        gt_img = self._gt_images(batch, outputs["background"])
-        pred_img = outputs["rgb"]
+        """Splatfacto's losses, with L1 + SSIM computed in bands of tile rows, one per member; in split
+        training the ground truth too stays in the members' bands."""
+        pred_img, bands = outputs["rgb"], self._gt_bands(outputs, batch)
+        gt_img = bands if bands is not None else self._gt_images(batch, outputs["background"])
+        wide = accumulation_dtype(self.members.device, pred_img.dtype)  # float64 on the CPU: bit-equal members
+        mask = None
         if "mask" in batch:
             masks = batch["mask"] if batch["mask"].dim() == 4 else batch["mask"][None]
-            mask = torch.stack([self._downscale_if_required(m) for m in masks]).to(self.device).reshape(gt_img.shape[:-1] + (1,))
-            assert mask.shape[:-1] == gt_img.shape[:-1] == pred_img.shape[:-1]
-            gt_img, pred_img = gt_img * mask, pred_img * mask
-        wide = accumulation_dtype(self.members.device, pred_img.dtype)  # float64 on the CPU: bit-equal members
-        if is_aggregate(pred_img):  # the members' own rows, with halo rows from the member below
-            main = split_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda)
+            mask = torch.stack([self._downscale_if_required(m) for m in masks]).to(self.device).reshape(tuple(gt_img.shape[:-1]) + (1,))
+            assert mask.shape[:-1] == tuple(gt_img.shape[:-1]) == pred_img.shape[:-1]
+            pred_img = pred_img * mask
+        if bands is not None:  # each member's band: masked and widened where it lies
+            if mask is None:
+                gt_img = bands.map(lambda band: band.to(wide))
+            else:
+                gt_img = bands.map(lambda band, mask: (band * mask).to(wide), rowed={"mask": mask})
+            main = split_l1_ssim(pred_img.to(wide), gt_img, self.config.ssim_lambda)
         else:
-            bands = band_rows(pred_img.shape[-3], len(self.members), self.config.tile_size)
-            main = banded_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda, bands)
+            gt_img = gt_img if mask is None else gt_img * mask
+            if is_aggregate(pred_img):  # the members' own rows, with halo rows from the member below
+                main = split_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda)
+            else:
+                bands_rows = band_rows(pred_img.shape[-3], len(self.members), self.config.tile_size)
+                main = banded_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda, bands_rows)
         loss_dict = {"main_loss": main.to(pred_img.dtype)}
         if self.config.use_scale_regularization and self.step % 10 == 0:
             scale_exp = torch.exp(self.gauss_params["scales"])

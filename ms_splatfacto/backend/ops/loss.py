@@ -21,7 +21,7 @@ on every rank.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, wrap
 
 from ms_splatfacto.backend.aggregate.layout import even_bounds
+from ms_splatfacto.backend.ops.row_inputs import RowBands, gt_row_spans
 
 WIN_SIZE = 11
 WIN_SIGMA = 1.5
@@ -130,17 +131,22 @@ def banded_l1_ssim(
 
 def split_l1_ssim(
     pred: AggregateTensor,  # [H, W, 3], rows striped over the members that rendered them
-    gt: Tensor,  # [H, W, 3] ordinary: each member reads its own rows
+    gt: Union[Tensor, RowBands],  # [H, W, 3] ordinary (each member reads its rows), or each member's band
     ssim_lambda: float,
 ) -> Tensor:  # scalar, the same on every rank
     """`banded_l1_ssim` where the pixels are: each member's band is its rows of `pred`; it sums |gt -
     pred| over them and the SSIM map over the map rows starting in them, reading the 10 halo rows below
     from their owners through the exchange. Only the partial sums travel (to every rank); in backward
-    each member hands the halo rows' gradients back to their owners."""
+    each member hands the halo rows' gradients back to their owners. The ground truth is either whole
+    or already where it is needed (`RowBands` over `gt_row_spans`, from `row_inputs.read_bands`)."""
     h, w = pred.shape[0], pred.shape[1]
-    assert pred.shape == gt.shape and pred.dim() == 3 and pred.shape[-1] == 3, (
+    assert tuple(pred.shape) == tuple(gt.shape) and pred.dim() == 3 and pred.shape[-1] == 3, (
         f"pred and gt must be [H, W, 3], got {tuple(pred.shape)}, {tuple(gt.shape)}"
     )
+    if isinstance(gt, RowBands):
+        assert gt.layout.bounds == pred._layout.bounds and gt.spans == gt_row_spans(gt.layout.bounds, h), (
+            f"the ground-truth bands must cover each member's rows and SSIM halo, got spans {gt.spans}"
+        )
     assert pred.dtype == gt.dtype and pred.is_floating_point(), f"pred and gt must share a floating dtype, got {pred.dtype}, {gt.dtype}"
     assert h > 0 and w > 0, f"images must not be empty, got {tuple(pred.shape)}"
     rows, cols = h >= WIN_SIZE, w >= WIN_SIZE
@@ -174,7 +180,10 @@ class _SplitSums(torch.autograd.Function):
             lo, hi = bands[r], bands[r + 1]
             own = pred.chunks[r].detach().requires_grad_(True)
             below = halos[r].detach().requires_grad_(True)
-            x = exchange.to_member(gt[lo : hi + below.shape[0]], r, layout)[None]
+            if isinstance(gt, RowBands):  # already on the member: its rows, then its halo rows
+                x = gt.band(r)[: hi - lo + below.shape[0]][None]
+            else:
+                x = exchange.to_member(gt[lo : hi + below.shape[0]], r, layout)[None]
             with torch.enable_grad():
                 l1 = (x[:, : hi - lo] - own[None]).abs().sum() if hi > lo else own.sum() * 0
                 end = min(hi, map_h)
