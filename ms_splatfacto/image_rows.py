@@ -26,7 +26,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ class RowCounts:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, tag: str, lo: int, hi: int, reconstructed: int) -> None:
+        _TAG.reconstructed = getattr(_TAG, "reconstructed", 0) + reconstructed
         with self._lock:
             self.records.append((tag, lo, hi, reconstructed))
 
@@ -245,6 +247,8 @@ class ImageRows:
         self.rows, self.width = size
         self.path = Path(dataset.image_filenames[idx])
         self.alpha_color = dataset._dataparser_outputs.alpha_color
+        self.reads: Deque[Tuple[int, int, int, int]] = deque(maxlen=256)
+        """(member, lo, hi, source rows reconstructed) of the members' latest reads of this image."""
         self._undistortion: Optional[Undistortion] = None
         from ms_splatfacto.image_stream import has_distortion
         from nerfstudio.cameras.cameras import CameraType
@@ -267,7 +271,10 @@ class ImageRows:
             raise ValueError(f"rows [{lo}, {hi}) outside the {self.rows} rows of {self.path}")
         if member is not None:
             with reading_as(f"member {member}"):
-                return self.read(lo, hi, device)
+                before = getattr(_TAG, "reconstructed", 0)
+                rows = self.read(lo, hi, device)
+                self.reads.append((member, lo, hi, getattr(_TAG, "reconstructed", 0) - before))
+                return rows
         try:
             try:
                 if not self.by_rows:

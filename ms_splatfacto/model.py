@@ -308,7 +308,9 @@ class MsSplatfactoModel(SplatfactoModel):
 
         def prepare(rows: Tensor) -> Tensor:  # splatfacto's get_gt_img, on the member's device
             rows = rows.float() / 255.0 if rows.dtype == torch.uint8 else rows
-            return resize_image(rows, scale) if scale > 1 else rows
+            if scale == 1 or rows.shape[0] == 0:  # a member without rows (the conv refuses an empty image)
+                return rows[:, : rows.shape[1] // scale]
+            return resize_image(rows, scale)
 
         bands = read_bands(pred, source, scale, prepare).map(
             lambda band, background: self.composite_with_background(band, background), shared={"background": background}
@@ -318,8 +320,9 @@ class MsSplatfactoModel(SplatfactoModel):
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
         predicted_rgb, bands = outputs["rgb"], self._gt_bands(outputs, batch)
-        if bands is not None:  # torchmetrics' PSNR from the members' squared-error partials
-            sse = split_squared_error(predicted_rgb, bands)
+        if bands is not None:  # torchmetrics' PSNR from the members' squared-error partials (float64 on the CPU)
+            wide = accumulation_dtype(self.members.device, predicted_rgb.dtype)
+            sse = split_squared_error(predicted_rgb, bands, wide).to(predicted_rgb.dtype)
             numel = torch.tensor(math.prod(bands.shape), device=sse.device)
             metrics_dict = {"psnr": _psnr_compute(sse, numel, self.psnr.data_range.to(sse.device), base=self.psnr.base)}
         else:

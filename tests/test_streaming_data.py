@@ -17,6 +17,7 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from benchmarks.data_stream import city_dataset, run_probe, subset_dataset, write_photo_dataset
 from ms_splatfacto.datamanager import MsDatamanagerConfig
 from ms_splatfacto.errors import InputError
+from ms_splatfacto.image_rows import ImageRows
 from ms_splatfacto.image_stream import ImageStream
 from tests.conftest import train
 
@@ -38,13 +39,21 @@ def assert_same_cameras(a, b):
 
 
 def assert_same_steps(stream, cache, steps: int):
+    """The same cameras and pixels; with one camera per step the stream hands the members' row source
+    (`image_rows`, no decoded `image`), whose whole image is then read here, once, and compared."""
     for step in range(steps):
         (cam_s, batch_s), (cam_c, batch_c) = stream.next_train(step), cache.next_train(step)
         assert cam_s.metadata["cam_idx"] == cam_c.metadata["cam_idx"], step
         assert_same_cameras(cam_s, cam_c)
+        if stream.member_rows:
+            assert "image" not in batch_s and isinstance(batch_s["image_rows"], ImageRows), step
+            batch_s = {**batch_s, "image": batch_s["image_rows"].read(0, batch_s["image_rows"].rows)}
+            batch_s["image_rows"] = batch_c["image_rows"]
         assert batch_s.keys() == batch_c.keys()
         for key, value in batch_c.items():
-            if torch.is_tensor(value):
+            if key == "image_rows":
+                assert torch.equal(value.read(0, value.rows), batch_c["image"]), step  # the cache's rows slice its image
+            elif torch.is_tensor(value):
                 assert value.dtype == batch_s[key].dtype and torch.equal(value, batch_s[key]), (step, key)
             else:
                 assert value == batch_s[key], (step, key)
@@ -66,7 +75,9 @@ def test_lund_tiny_has_distortion_and_stream_knows_the_undistorted_cameras_befor
 @pytest.mark.parametrize("cameras_per_step, image_type", [(1, "float32"), (3, "uint8")])
 def test_stream_and_cache_give_identical_batches_for_100_steps(lund_tiny: Path, cameras_per_step: int, image_type: str):
     options = dict(cameras_per_step=cameras_per_step, cache_images_type=image_type)
-    assert_same_steps(lund(lund_tiny, "stream", **options), lund(lund_tiny, "cache", **options), 100)
+    stream = lund(lund_tiny, "stream", **options)
+    assert stream.member_rows == (cameras_per_step == 1)
+    assert_same_steps(stream, lund(lund_tiny, "cache", **options), 100)
 
 
 def test_masks_and_mixed_distortion_stream_like_cache(tmp_path: Path):
@@ -150,7 +161,8 @@ def test_ns_train_checkpoints_equal_with_stream_and_cache(tmp_path: Path, lund_t
 def test_cache_never_exceeds_its_byte_budget(lund_tiny: Path):
     image_bytes = 256 * 192 * 3  # uint8 RGB, the undistorted image a cropped view of the full decode
     budget = 5 * image_bytes
-    datamanager = lund(lund_tiny, "stream", cache_images_type="uint8", cache_bytes=budget, prefetch_steps=3, prefetch_workers=2)
+    datamanager = lund(lund_tiny, "stream", cache_images_type="uint8", cache_bytes=budget, prefetch_steps=3, prefetch_workers=2,
+                       member_rows=False)  # decoded images (member rows cache the files' bytes, a few KB each)
     stream = datamanager._stream
     for step in range(100):  # four epochs of 25 cameras
         datamanager.next_train(step)

@@ -101,19 +101,22 @@ def read_bands(
     return RowBands(layout, (layout.rows, pred.shape[1], *channels), spans, bands)
 
 
-def split_squared_error(pred: AggregateTensor, gt: RowBands) -> Tensor:  # pred: [H, W, C]; scalar
-    """sum((pred - gt)^2) over the image, each member summing its own rows, the partials combined in
-    member order on every rank (as a sum over an aggregate is): the PSNR without a whole image."""
+def split_squared_error(pred: AggregateTensor, gt: RowBands, dtype: Optional[torch.dtype] = None) -> Tensor:  # pred: [H, W, C]
+    """sum((pred - gt)^2) over the image ([], in `dtype`, default pred's): each member sums its own rows in
+    `dtype`, the partials are combined in member order on every rank: the PSNR without a whole image.
+    With float64 on the CPU the sum is the same bits on any member count and split into ranks (a float32
+    sum over the whole image rounds differently: equal to about 1e-7)."""
     layout = pred._layout
     assert isinstance(gt, RowBands) and gt.layout.bounds == layout.bounds and tuple(pred.shape) == gt.shape, (
         f"pred {tuple(pred.shape)} and the bands {gt.shape} must share one row layout"
     )
+    dtype = dtype or pred.dtype
     m, bounds = layout.members, layout.bounds
     holders = [d for d in range(len(m)) if bounds[d + 1] > bounds[d]]
     parts = {}
     for r in m.local:
         own = pred.chunks[r].detach()
-        part = torch.sum(torch.pow(own - gt.band(r)[: own.shape[0]], 2), dim=(0, 1, 2), keepdim=True).reshape(1)
-        parts[r] = part[: int(r in holders)]
+        diff = (own - gt.band(r)[: own.shape[0]]).to(dtype)
+        parts[r] = torch.sum(diff * diff).reshape(1)[: int(r in holders)]
     got = exchange.replicate(m, parts, rows_per_member=[int(d in holders) for d in range(len(m))])
     return torch.cat([got[d] for d in holders]).sum(0)
