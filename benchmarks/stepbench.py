@@ -116,12 +116,12 @@ def train_step(model, optimizers, camera_index: int) -> Tuple[Dict[str, float], 
     times = {}
     reset_exchange()
     t0 = time.perf_counter()
+    for optimizer in optimizers.values():  # first, as ns-train's trainer does: no gradients live in the forward
+        optimizer.zero_grad()
     outputs = model.get_outputs(camera)
     t1 = time.perf_counter()
     loss = sum(model.get_loss_dict(outputs, batch).values())
     t2 = time.perf_counter()
-    for optimizer in optimizers.values():
-        optimizer.zero_grad()
     loss.backward()
     t3 = time.perf_counter()
     for optimizer in optimizers.values():

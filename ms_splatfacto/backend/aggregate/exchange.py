@@ -97,9 +97,11 @@ def all_to_all(
         assert len(pieces) == n and all(tuple(p.shape[1:]) == trailing and p.dtype == dtype for p in pieces), (
             f"member {s}'s pieces must be {n} tensors [rows, {list(trailing)}] of {dtype}"
         )
-        for r in members.local:
-            recv[r][s] = pieces[r].to(members.devices[r], non_blocking=True)
-            record(s, r, nbytes(pieces[r]), kind)
+        for r in members.local:  # one device: the piece itself (no copy, no per-pair `.to` call)
+            piece = pieces[r]
+            recv[r][s] = piece if members.single_device else piece.to(members.devices[r], non_blocking=True)
+            if s != r and piece.shape[0]:
+                record(s, r, nbytes(piece), kind)
     if members.world_size > 1:
         if rows is None:
             rows = transport.exchange_rows(members, {s: [p.shape[0] for p in send[s]] for s in members.local})

@@ -113,6 +113,44 @@ def wrap(layout: Layout, whole: Optional[torch.Tensor] = None, chunks: Optional[
     return AggregateTensor(layout, whole, chunks)
 
 
+class LocalRows:
+    """Builds an aggregate from this rank's members' row blocks, put one member at a time.
+
+    Where the layout fuses (one rank, members on one device) the blocks are copied into one whole
+    tensor, each member's rows a row range of it, so the row-local ops that follow (autograd's, Adam's,
+    the statistics') run as one launch over the local members instead of one per member; no member
+    reads another's rows. A block is copied as it arrives, so a caller that drops its blocks holds at
+    most one extra. One local member's block is its whole as it is (made contiguous); elsewhere each
+    block is its member's chunk."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        m = layout.members
+        self.fuse = fusing(layout) and len(m.local) > 1
+        self.whole: Optional[torch.Tensor] = None
+        self.chunks: List[Optional[torch.Tensor]] = [None] * len(m)
+
+    def put(self, d: int, rows: torch.Tensor) -> None:  # rows: [counts[d], ...] of local member d
+        layout = self.layout
+        assert rows.shape[0] == layout.counts[d], f"member {d} has {layout.counts[d]} rows, got {rows.shape[0]}"
+        if not self.fuse:
+            self.chunks[d] = rows.contiguous()
+            return
+        if self.whole is None:
+            self.whole = torch.empty((layout.local_rows, *rows.shape[1:]), dtype=rows.dtype, device=layout.members.device)
+        first = layout.local_span[0]
+        self.whole.narrow(0, layout.bounds[d] - first, layout.counts[d]).copy_(rows)
+
+    def result(self) -> AggregateTensor:
+        if self.fuse:
+            assert self.whole is not None, "no member's rows were put"
+            return wrap(self.layout, whole=self.whole)
+        m = self.layout.members
+        if fusing(self.layout) and len(m.local) == 1 and self.chunks[m.local[0]] is not None:
+            return wrap(self.layout, whole=self.chunks[m.local[0]])
+        return wrap(self.layout, chunks=self.chunks)
+
+
 def aggregate(t: torch.Tensor, spec: Union[str, Members], persistent: bool = True) -> AggregateTensor:
     """An aggregate copy of the ordinary tensor `t` ([rows, ...], the same on every rank), rows striped
     evenly over the members of `spec` ("cpu:4", "cuda", a Members): each member copies its rows.

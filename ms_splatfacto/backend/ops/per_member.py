@@ -20,10 +20,11 @@ from ms_splatfacto.backend.aggregate.layout import Layout
 from ms_splatfacto.backend.aggregate.redistribute import relayout
 from ms_splatfacto.backend.aggregate.storage import prefetch
 from ms_splatfacto.backend.aggregate.streams import member_streams
-from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
+from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, LocalRows, is_aggregate
 
 MemberFn = Callable[..., Sequence[Tensor]]
-"""fn(member, *row_chunks, *shared) -> outputs, each with the member's rows as its first dim."""
+"""fn(member, *row_chunks, *shared) -> outputs, each with the member's rows as its first dim (any
+strides: they are copied once, into the members' whole where the layout fuses, else made contiguous)."""
 
 
 def rows_for(grad: Optional[Tensor], layout: Layout, d: int) -> Optional[Tensor]:  # grad: [rows, ...]
@@ -43,7 +44,7 @@ class _PerMember(torch.autograd.Function):
         rowed, shared = inputs[:n_rowed], inputs[n_rowed:]
         needs = ctx.needs_input_grad[4:]
         ctx.layout, ctx.n_rowed, ctx.graphs = layout, n_rowed, []
-        per_member = {}
+        builders: List[LocalRows] = []
         streams = member_streams(layout.members)
         for d in layout.members.local:
             for x in rowed:  # managed rows: their pages on d's GPU before its kernels read them
@@ -55,15 +56,16 @@ class _PerMember(torch.autograd.Function):
             ]
             with torch.set_grad_enabled(track), streams.run(d):
                 outs = tuple(fn(d, *leaves, *local))
+                if not builders:
+                    builders = [LocalRows(layout) for _ in outs]
+                if not builders[0].fuse:  # the chunk is the graph's output itself (fused: a copy into the whole)
+                    outs = tuple(o.contiguous() for o in outs)
             if track:
                 ctx.graphs.append((d, leaves + local, outs))
-            per_member[d] = outs
+            for builder, o in zip(builders, outs):
+                builder.put(d, o.detach())
         streams.join()
-        first = per_member[layout.members.local[0]]
-        results = tuple(
-            wrap(layout, chunks=[per_member[d][i].detach() if d in per_member else None for d in range(len(layout.members))])
-            for i in range(len(first))
-        )
+        results = tuple(b.result() for b in builders)
         ctx.shared_like = [(tuple(s.shape), s.dtype) for s in shared]
         ctx.mark_non_differentiable(*[r for r in results if not r.is_floating_point()])
         return results
@@ -74,7 +76,7 @@ class _PerMember(torch.autograd.Function):
         m = layout.members
         n_rowed = ctx.n_rowed
         needs = ctx.needs_input_grad[4:]
-        chunk_grads: List[List[Optional[Tensor]]] = [[None] * len(m) for _ in range(n_rowed)]
+        rowed_builders = [LocalRows(layout) for _ in range(n_rowed)]
         shared_parts: List[dict] = [{} for _ in ctx.shared_like]
         grads = tuple(relayout(g, layout) if is_aggregate(g) else g for g in grads)  # collective: once, not per member
         streams = member_streams(m)
@@ -86,16 +88,19 @@ class _PerMember(torch.autograd.Function):
                     [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs], allow_unused=True
                 ) if pairs and wanted else [None] * len(wanted)
             by_input = dict(zip(wanted, found))
+            del found
             for i, leaf in enumerate(leaves):
-                g = by_input.get(i)
+                g = by_input.pop(i, None)
                 g = torch.zeros_like(leaf) if g is None else g
                 if i < n_rowed:
-                    chunk_grads[i][d] = g
+                    if needs[i]:
+                        rowed_builders[i].put(d, g)  # fused: copied into the whole, this member's block dropped
                 elif needs[i]:
                     shared_parts[i - n_rowed][d] = g.to(m.device)
+                del g
         ctx.graphs = []
         streams.join()
-        rowed_grads = [wrap(layout, chunks=cg) if needs[i] else None for i, cg in enumerate(chunk_grads)]
+        rowed_grads = [b.result() if needs[i] else None for i, b in enumerate(rowed_builders)]
         shared_grads = []
         for i, (shape, dtype) in enumerate(ctx.shared_like):
             if not needs[n_rowed + i]:

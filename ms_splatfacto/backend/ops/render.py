@@ -90,7 +90,7 @@ def rasterization(
                 feats = torch.clamp_min(feats + 0.5, 0.0)
             if with_depth:
                 feats = torch.cat((feats, depths[..., None]), dim=-1)
-        return tuple(x.transpose(0, 1).contiguous() for x in (means2d, conics, feats, opac, depths, radii))
+        return tuple(x.transpose(0, 1) for x in (means2d, conics, feats, opac, depths, radii))  # per_member copies them once
 
     if sh_degree is not None:
         assert colors.dim() == 3 and colors.shape[-1] == 3, "SH colours must be [N, K, 3]"

@@ -33,7 +33,7 @@ from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout, even_bounds
 from ms_splatfacto.backend.aggregate.redistribute import relayout
 from ms_splatfacto.backend.aggregate.streams import member_streams
-from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, is_aggregate, wrap
+from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, LocalRows, is_aggregate
 from ms_splatfacto.backend.host_syncs import read_ints
 
 
@@ -185,7 +185,7 @@ def plan_tiles(
 def _asks(work: Optional[MemberTiles], r: int, layout: Layout) -> List[Tensor]:
     """What member r reads of each owner ([n] flat record lists; empty for owners it does not read)."""
     device = layout.members.devices[r]
-    out = [torch.zeros(0, dtype=torch.long, device=device) for _ in range(len(layout.members))]
+    out = [torch.zeros(0, dtype=torch.long, device=device)] * len(layout.members)  # one empty list for the owners it skips
     for src in work.sources if work is not None else ():
         out[src.source] = src.flat
     return out
@@ -274,7 +274,9 @@ def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[i
     send = {}
     for s in m.local:
         packed = _pack(fields, s)
-        send[s] = [packed.index_select(0, plan.serve[s][r].to(packed.device)) for r in range(len(m))]
+        none = packed[:0]
+        send[s] = [packed.index_select(0, plan.serve[s][r].to(packed.device)) if plan.serve[s][r].shape[0] else none
+                   for r in range(len(m))]
     got = exchange.all_to_all(m, send, kind="remote_read")
     widths = [math.prod(f.shape[2:]) for f in fields]
     out = {}
@@ -320,8 +322,10 @@ def _split(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torc
     its tiles, nothing moves."""
     m = plan.layout.members
     own = _own_rows(plan, images, channels, dtype)
-    chunks: List[Optional[Tensor]] = [own[r].contiguous() if r in own else None for r in range(len(m))]
-    return wrap(Layout(tuple(plan.pixel_row_bounds()), m), chunks=chunks)
+    rows = LocalRows(Layout(tuple(plan.pixel_row_bounds()), m))
+    for r in m.local:
+        rows.put(r, own[r])
+    return rows.result()
 
 
 def _member_rows(plan: TilePlan, v: Tensor, r: int) -> Tensor:
@@ -407,13 +411,13 @@ class _TileRasterize(torch.autograd.Function):
         streams.join()
         wide = torch.float64 if getattr(ctx.kernels, "KEEPS_FLOAT64_SUMS", False) else ctx.dtype
         owned = _reduce_scatter(plan, partials, ctx.row_shapes[:n_fields], wide)
-        out = [
-            wrap(layout, chunks=[
-                owned[d][i].reshape(layout.counts[d], *ctx.row_shapes[i]).to(ctx.dtype) if m.is_local(d) else None
-                for d in range(len(m))
-            ])
-            for i in range(n_fields)
-        ]
+        del partials
+        builders = [LocalRows(layout) for _ in range(n_fields)]
+        for d in m.local:  # local owners: rounded into the members' whole where the layout fuses
+            for i, b in enumerate(builders):
+                b.put(d, owned[d][i].reshape(layout.counts[d], *ctx.row_shapes[i]).to(ctx.dtype))
+            del owned[d]
+        out = [b.result() for b in builders]
         if ctx.absgrad:
             ctx.means2d.absgrad = out[4]
         ctx.means2d = None
@@ -436,7 +440,7 @@ def _reduce_scatter(
     for r in m.local:
         work = plan.work[r]
         device = m.devices[r]
-        pieces = [torch.zeros((0, sum(widths)), dtype=wide, device=device) for _ in range(len(m))]
+        pieces = [torch.zeros((0, sum(widths)), dtype=wide, device=device)] * len(m)  # one empty piece for owners it did not read
         if work is not None and r in partials:
             flat = [
                 (g.reshape(-1, w) if g is not None else torch.zeros((work.padded * work.n_cameras, w), dtype=wide, device=device)).to(wide)
