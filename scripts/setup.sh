@@ -34,6 +34,12 @@ if [[ "$libs" != *libusb-1.0.so.0* ]]; then
     { apt-get update -qq && apt-get install -y -qq libusb-1.0-0; } > /dev/null \
         || echo "setup: could not install libusb-1.0-0 (not root?); ns-export will fail to import open3d" >&2
 fi
+if [[ ! -f /usr/include/jpeglib.h || ! -f /usr/include/png.h ]]; then
+    # The row decoder (csrc/image, built on first use) lets each member decode only the pixel rows it renders.
+    echo "setup: installing libjpeg-turbo and libpng headers for the image row decoder"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjpeg62-turbo-dev libpng-dev; } > /dev/null \
+        || echo "setup: could not install libjpeg62-turbo-dev libpng-dev (not root?); streamed training images decode whole" >&2
+fi
 if ! command -v chromium > /dev/null; then
     # Headless Chromium opens ns-viewer in tests/test_viewer_browser.py, which skips without it.
     echo "setup: installing chromium for the viewer's browser test"
