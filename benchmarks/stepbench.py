@@ -32,6 +32,7 @@ from typing import Dict, List, Tuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import ms_splatfacto  # noqa: E402,F401  (before torch: OpenMP threads wait passively, see backend/threads.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -22,7 +22,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from ms_splatfacto import launch
 from ms_splatfacto.backend import DeviceSpecError, parse_devices
 from ms_splatfacto.backend.aggregate import world
-from ms_splatfacto.backend.threads import available_cores, configure_threads
+from ms_splatfacto.backend.threads import available_cores, configure_threads, wait_policy_note
 from ms_splatfacto.checkpoints import (
     checkpoint_path,
     checkpoint_state,
@@ -95,6 +95,8 @@ class MsTrainer(Trainer):
         threads = configure_threads(config.cpu_threads or None)
         if device.type == "cpu":
             CONSOLE.log(f"CPU threads per process: {threads} (of {available_cores()} cores this process may run on)")
+            if wait_policy_note(threads):
+                CONSOLE.log(wait_policy_note(threads))
         super().__init__(config, local_rank, world_size)
         self.device = str(device)
         self.nonfinite_steps = 0

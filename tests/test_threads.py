@@ -49,3 +49,34 @@ def test_each_rank_of_one_machine_gets_its_share(tmp_path):
     for threads, torch_threads, cores in results:
         assert threads == torch_threads == max(1, cores // 3)
         assert 3 * threads <= max(3, cores)
+
+
+def _policy_in_child(code: str, env_policy=None):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if env_policy is not None:
+        env["OMP_WAIT_POLICY"] = env_policy
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+CHILD = ("import os, ms_splatfacto; from ms_splatfacto.backend.threads import wait_policy_note; "
+         "print(os.environ['OMP_WAIT_POLICY'], ms_splatfacto.WAIT_POLICY_APPLIED, wait_policy_note(2) is not None, wait_policy_note(1) is None)")
+
+
+def test_openmp_threads_wait_passively_when_the_package_loads_first():
+    assert _policy_in_child(CHILD) == ["PASSIVE", "True", "False", "True"]
+
+
+def test_an_explicit_wait_policy_is_kept():
+    assert _policy_in_child(CHILD, "ACTIVE") == ["ACTIVE", "True", "False", "True"]
+
+
+def test_a_runtime_started_before_the_package_gets_a_hint():
+    """As under ns-train, which imports torch first: too late to set; several threads get the one-line hint."""
+    assert _policy_in_child("import torch; " + CHILD) == ["PASSIVE", "False", "True", "True"]

@@ -6,6 +6,10 @@ at every barrier for the one sharing its core. Using only the cores this process
 (`os.sched_getaffinity`, which containers and `taskset` narrow) and dividing them among the ranks
 torchrun started on this machine (LOCAL_WORLD_SIZE) keeps threads from competing with each other;
 an explicit OMP_NUM_THREADS (or `requested`) can lower the count, never raise it past the cores.
+
+The threads also wait passively (OMP_WAIT_POLICY=PASSIVE, set by the package's `__init__` before torch
+loads the OpenMP runtime, which reads it once): spinning threads sharing a core with another job made
+a loaded step 5.8x slower. `wait_policy_note` says when the runtime started before the setting.
 """
 
 from __future__ import annotations
@@ -40,3 +44,15 @@ def configure_threads(requested: Optional[int] = None) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def wait_policy_note(threads: int) -> Optional[str]:
+    """A one-line hint where `threads` > 1 OpenMP threads may spin at barriers: torch loaded the OpenMP
+    runtime before this package could ask for passive waiting (`ns-train` imports torch first) and the
+    environment did not set OMP_WAIT_POLICY."""
+    import ms_splatfacto
+
+    if threads <= 1 or ms_splatfacto.WAIT_POLICY_APPLIED:
+        return None
+    return ("OpenMP threads spin while they wait (torch started before OMP_WAIT_POLICY was set): on a busy machine a step "
+            "can take several times longer; `export OMP_WAIT_POLICY=PASSIVE` before ns-train avoids it.")
