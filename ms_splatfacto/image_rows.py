@@ -127,16 +127,18 @@ def file_rows(data: torch.Tensor, lo: int, hi: int) -> Optional[np.ndarray]:  # 
     return rows.numpy()
 
 
-def check_complete(data: torch.Tensor, path: Path) -> None:  # data: [n] uint8
-    """Refuse a file that cannot be a whole JPEG or PNG (it is read by rows later, maybe never to its end):
-    PIL must recognise it, and it must end with the end-of-image marker (JPEG) or IEND chunk (PNG)."""
+def check_complete(data: torch.Tensor, path: Path) -> Tuple[int, int]:  # data: [n] uint8
+    """The (width, height) of a file that can be a whole image, which is read by rows later (maybe never to
+    its end): PIL must recognise it (else OSError), and a JPEG or PNG must end with its end-of-image
+    marker or IEND chunk (else OSError: truncated)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-        image.size  # raises for an empty or unrecognised file
+    with Image.open(io.BytesIO(data.numpy())) as image:
+        size = image.size
     kind, tail = file_kind(data), bytes(data[-4096:].tolist())
     if (kind == "jpeg" and b"\xff\xd9" not in tail) or (kind == "png" and b"IEND" not in tail):
         raise OSError(f"image file is truncated ({path.name} has no end-of-image marker)")
+    return size
 
 
 def rows_as_cached(rows: np.ndarray, image_type: str, alpha_color: Optional[torch.Tensor]) -> torch.Tensor:
@@ -199,9 +201,7 @@ class Undistortion:
         return out
 
 
-def undistorted_rows(
-    undistortion: Undistortion, lo: int, hi: int, source_rows, image_type: str, alpha_color
-) -> torch.Tensor:  # [hi - lo, w, C] rows of the cropped, undistorted image
+def undistorted_rows(undistortion: Undistortion, lo: int, hi: int, source_rows) -> torch.Tensor:  # [hi - lo, w, C]
     """Rows [lo, hi) of nerfstudio's undistorted (and cropped) image, reading only the source rows the
     maps of those rows touch (bilinear: a map row's integer rows and the row below) via
     `source_rows(a, b)` ([b - a, W, C] as cached)."""
@@ -299,7 +299,7 @@ class ImageRows:
             return self._source(lo, hi)
         if self._undistortion is None:
             self._undistortion = Undistortion.of(self.raw_camera)
-        return undistorted_rows(self._undistortion, lo, hi, self._source, self.image_type, self.alpha_color)
+        return undistorted_rows(self._undistortion, lo, hi, self._source)
 
     def _whole(self) -> torch.Tensor:
         from ms_splatfacto.image_stream import decode

@@ -126,10 +126,8 @@ def load_rows(dataset: InputDataset, raw: Cameras, idx: int, image_type: str) ->
     if not content:
         raise OSError("empty file")
     data = torch.frombuffer(bytearray(content), dtype=torch.uint8)
-    check_complete(data, path)
+    size = check_complete(data, path)
     camera = raw[idx].reshape(())
-    with Image.open(path) as image:
-        size = image.size
     if dataset.scale_factor == 1.0:
         assert size == (camera.width.item(), camera.height.item()), (
             f"The size of image {size} loaded does not match the camera parameters ({camera.width.item(), camera.height.item()})"
