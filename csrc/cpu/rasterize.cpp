@@ -1,20 +1,24 @@
-// Tile intersection and tile-based alpha compositing of projected Gaussians on the CPU (OpenMP).
+// Tile-based alpha compositing of projected Gaussians on the CPU (OpenMP, SIMD over pixels); the
+// tile lists come from isect.cpp.
 //
 // The specification is ms_splatfacto/backend/kernels/reference.py (gsplat 1.4.0 semantics,
-// unpacked mode): same tile rectangles, key layout, stable depth order, compositing thresholds
-// and output layouts. Gradients are hand-written; see rasterize_to_pixels_bwd below.
+// unpacked mode): same compositing thresholds and output layouts. Gradients are hand-written; see
+// rasterize_to_pixels_bwd below.
 
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -26,200 +30,6 @@ constexpr double kTMin = 1e-4;             // stop before transmittance would re
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
 }
-
-int64_t bit_length(int64_t v) {
-  int64_t n = 0;
-  for (; v > 0; v >>= 1) ++n;
-  return n;
-}
-
-// A floored/ceiled tile coordinate converted and clamped to [0, upper] as the reference does
-// (`.int().clamp(min=0)` then `minimum(upper)`); NaN gives 0.
-template <typename scalar_t>
-inline int32_t clamp_tile(scalar_t v, int64_t upper) {
-  if (!(v > scalar_t(0))) return 0;
-  if (v >= static_cast<scalar_t>(upper)) return static_cast<int32_t>(upper);
-  return static_cast<int32_t>(v);
-}
-
-// Half-open tile rectangle {x0, y0, x1, y1} of one Gaussian's bounding square. The arithmetic
-// mirrors the reference: means / tile_size in the means' dtype, float32(radius) / tile_size in
-// float32, then floor/ceil of their difference/sum in the promoted dtype.
-template <typename scalar_t>
-inline void tile_rect(scalar_t mx, scalar_t my, int32_t radius, int64_t tile_size, int64_t tile_width,
-                      int64_t tile_height, int32_t* rect) {
-  const scalar_t ts = static_cast<scalar_t>(tile_size);
-  const scalar_t tmx = mx / ts;
-  const scalar_t tmy = my / ts;
-  const scalar_t tr = static_cast<scalar_t>(static_cast<float>(radius) / static_cast<float>(tile_size));
-  rect[0] = clamp_tile(std::floor(tmx - tr), tile_width);
-  rect[1] = clamp_tile(std::floor(tmy - tr), tile_height);
-  rect[2] = clamp_tile(std::ceil(tmx + tr), tile_width);
-  rect[3] = clamp_tile(std::ceil(tmy + tr), tile_height);
-}
-
-uint32_t float_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return bits;
-}
-
-// Tile rectangles and tile counts of CN Gaussians; rectangles are empty where radius <= 0.
-template <typename scalar_t>
-void tile_rects(const scalar_t* means2d, const int32_t* radii, int64_t CN, int64_t tile_size, int64_t tile_width,
-                int64_t tile_height, int32_t* rects, int32_t* tiles_per_gauss) {
-#pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < CN; ++g) {
-    int32_t* r = &rects[4 * g];
-    tile_rect<scalar_t>(means2d[2 * g], means2d[2 * g + 1], radii[g], tile_size, tile_width, tile_height, r);
-    if (radii[g] <= 0) r[2] = r[0], r[3] = r[1];
-    tiles_per_gauss[g] = (r[2] - r[0]) * (r[3] - r[1]);
-  }
-}
-
-}  // namespace
-
-// Every (camera, tile, Gaussian) intersection sorted by (camera, tile, depth), ties in emission order.
-//
-// Parallel counting sort: each chunk of Gaussians counts its intersections per (camera, tile)
-// bucket, an exclusive scan over (bucket, chunk) gives every chunk its write position inside each
-// bucket (so buckets hold their entries in emission order), and each bucket is then sorted by the
-// 64-bit key (depth bits, flat Gaussian index). Within a bucket a Gaussian occurs once and
-// emission order is increasing flat index, so that sort equals the reference's stable sort.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> isect_tiles(const at::Tensor& means2d_in,  // [C, N, 2]
-                                                           const at::Tensor& radii_in,    // [C, N] int32
-                                                           const at::Tensor& depths_in,   // [C, N]
-                                                           int64_t tile_size, int64_t tile_width,
-                                                           int64_t tile_height) {
-  check_cpu(means2d_in, "means2d");
-  check_cpu(radii_in, "radii");
-  check_cpu(depths_in, "depths");
-  TORCH_CHECK(radii_in.dim() == 2, "radii must be [C, N], got ", radii_in.sizes());
-  const int64_t C = radii_in.size(0), N = radii_in.size(1);
-  TORCH_CHECK(means2d_in.dim() == 3 && means2d_in.size(0) == C && means2d_in.size(1) == N && means2d_in.size(2) == 2,
-              "means2d must be [C, N, 2] = [", C, ", ", N, ", 2], got ", means2d_in.sizes());
-  TORCH_CHECK(depths_in.dim() == 2 && depths_in.size(0) == C && depths_in.size(1) == N,
-              "depths must be [C, N] = [", C, ", ", N, "], got ", depths_in.sizes());
-  TORCH_CHECK(radii_in.scalar_type() == at::kInt, "radii must be int32, got ", radii_in.scalar_type());
-  TORCH_CHECK(tile_size > 0 && tile_width >= 0 && tile_height >= 0, "bad tile grid: tile_size ", tile_size,
-              ", tile_width ", tile_width, ", tile_height ", tile_height);
-  const int64_t CN = C * N;
-  TORCH_CHECK(CN < std::numeric_limits<int32_t>::max(), "C * N = ", CN, " does not fit int32 flatten ids");
-
-  const at::Tensor means2d = means2d_in.detach().contiguous();
-  const at::Tensor radii = radii_in.detach().contiguous();
-  const at::Tensor depths = depths_in.detach().to(at::kFloat).contiguous();  // key bits are float32's
-  const int32_t* radii_p = radii.data_ptr<int32_t>();
-  const float* depth_p = depths.data_ptr<float>();
-
-  const int64_t n_tiles = tile_width * tile_height;
-  const int64_t tile_bits = bit_length(n_tiles);
-  const int64_t n_buckets = C * n_tiles;
-
-  at::Tensor tiles_per_gauss = at::empty({C, N}, radii.options());
-  int32_t* tpg = tiles_per_gauss.data_ptr<int32_t>();
-  std::vector<int32_t> rects(4 * CN);  // {x0, y0, x1, y1}; empty where radius <= 0
-  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "isect_tiles", [&] {
-    tile_rects<scalar_t>(means2d.data_ptr<scalar_t>(), radii_p, CN, tile_size, tile_width, tile_height, rects.data(),
-                         tpg);
-  });
-
-  // Chunks of consecutive Gaussians, each with its own histogram (bounded to keep memory sensible).
-  const int64_t max_hist_entries = int64_t(1) << 24;
-  int64_t n_chunks = std::min<int64_t>(omp_get_max_threads(), std::max<int64_t>(CN, 1));
-  n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, max_hist_entries / std::max<int64_t>(n_buckets, 1)));
-  auto chunk_begin = [&](int64_t k) { return CN * k / n_chunks; };
-  std::vector<int64_t> cursor(n_chunks * n_buckets, 0);  // counts, then write positions
-
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < n_chunks; ++k) {
-    int64_t* hist = &cursor[k * n_buckets];
-    for (int64_t g = chunk_begin(k); g < chunk_begin(k + 1); ++g) {
-      const int32_t* r = &rects[4 * g];
-      const int64_t base = (g / N) * n_tiles;
-      for (int32_t ty = r[1]; ty < r[3]; ++ty)
-        for (int32_t tx = r[0]; tx < r[2]; ++tx) ++hist[base + ty * tile_width + tx];
-    }
-  }
-  std::vector<int64_t> bucket_start(n_buckets + 1);
-  int64_t running = 0;
-  for (int64_t b = 0; b < n_buckets; ++b) {
-    bucket_start[b] = running;
-    for (int64_t k = 0; k < n_chunks; ++k) {
-      const int64_t count = cursor[k * n_buckets + b];
-      cursor[k * n_buckets + b] = running;
-      running += count;
-    }
-  }
-  bucket_start[n_buckets] = running;
-  const int64_t M = running;
-  TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "too many tile intersections (", M, ") for int32 offsets");
-
-  std::vector<uint64_t> keys(M);  // depth bits << 32 | flat Gaussian index
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < n_chunks; ++k) {
-    int64_t* pos = &cursor[k * n_buckets];
-    for (int64_t g = chunk_begin(k); g < chunk_begin(k + 1); ++g) {
-      const int32_t* r = &rects[4 * g];
-      const int64_t base = (g / N) * n_tiles;
-      const uint64_t key = (uint64_t(float_bits(depth_p[g])) << 32) | uint64_t(g);
-      for (int32_t ty = r[1]; ty < r[3]; ++ty)
-        for (int32_t tx = r[0]; tx < r[2]; ++tx) keys[pos[base + ty * tile_width + tx]++] = key;
-    }
-  }
-
-  at::Tensor isect_ids = at::empty({M}, radii.options().dtype(at::kLong));
-  at::Tensor flatten_ids = at::empty({M}, radii.options());
-  int64_t* ids_p = isect_ids.data_ptr<int64_t>();
-  int32_t* flat_p = flatten_ids.data_ptr<int32_t>();
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t b = 0; b < n_buckets; ++b) {
-    const int64_t lo = bucket_start[b], hi = bucket_start[b + 1];
-    if (lo == hi) continue;
-    std::sort(keys.begin() + lo, keys.begin() + hi);
-    const int64_t high = ((b / n_tiles) << (32 + tile_bits)) | ((b % n_tiles) << 32);
-    for (int64_t p = lo; p < hi; ++p) {
-      ids_p[p] = high | int64_t(keys[p] >> 32);
-      flat_p[p] = int32_t(keys[p] & 0xFFFFFFFFu);
-    }
-  }
-  return {tiles_per_gauss, isect_ids, flatten_ids};
-}
-
-// offsets[b] = number of sorted intersections whose (camera, tile) index is below b, i.e. the start
-// of tile b's range (searchsorted, left side). Each intersection fills the buckets between its
-// predecessor's index and its own, so every bucket is written exactly once.
-at::Tensor isect_offset_encode(const at::Tensor& isect_ids_in,  // [M] int64, sorted
-                               int64_t n_cameras, int64_t tile_width, int64_t tile_height) {
-  check_cpu(isect_ids_in, "isect_ids");
-  TORCH_CHECK(isect_ids_in.dim() == 1, "isect_ids must be [M], got ", isect_ids_in.sizes());
-  TORCH_CHECK(isect_ids_in.scalar_type() == at::kLong, "isect_ids must be int64, got ", isect_ids_in.scalar_type());
-  TORCH_CHECK(n_cameras >= 0 && tile_width >= 0 && tile_height >= 0, "bad sizes: n_cameras ", n_cameras,
-              ", tile_width ", tile_width, ", tile_height ", tile_height);
-  const at::Tensor isect_ids = isect_ids_in.contiguous();
-  const int64_t M = isect_ids.size(0);
-  TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "too many intersections (", M, ") for int32 offsets");
-  const int64_t n_tiles = tile_width * tile_height;
-  const int64_t tile_bits = bit_length(n_tiles);
-  const int64_t total = n_cameras * n_tiles;
-  const int64_t* ids = isect_ids.data_ptr<int64_t>();
-  at::Tensor offsets = at::empty({n_cameras, tile_height, tile_width}, isect_ids.options().dtype(at::kInt));
-  int32_t* out = offsets.data_ptr<int32_t>();
-  auto linear = [&](int64_t i) {
-    const int64_t key = ids[i] >> 32;
-    return (key >> tile_bits) * n_tiles + (key & ((int64_t(1) << tile_bits) - 1));
-  };
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i <= M; ++i) {
-    const int64_t prev = i == 0 ? -1 : linear(i - 1);
-    const int64_t cur = i == M ? total : linear(i);
-    const int64_t lo = std::max<int64_t>(prev + 1, 0), hi = std::min<int64_t>(cur, total - 1);
-    for (int64_t b = lo; b <= hi; ++b) out[b] = int32_t(i);
-  }
-  return offsets;
-}
-
-namespace {
 
 // Inputs of the rasterizer, validated and made contiguous.
 struct RasterInputs {
@@ -326,7 +136,13 @@ void gather_tile(const RasterInputs& in, int64_t start, int64_t len, std::vector
   const scalar_t* op = in.opacities.data_ptr<scalar_t>();
   const int32_t* ids = in.flatten_ids.data_ptr<int32_t>();
   rows.resize(len * stride);
+  constexpr int64_t ahead = 8;  // the Gaussians are scattered in memory: fetch a few rows early
   for (int64_t k = 0; k < len; ++k) {
+    if (k + ahead < len) {
+      const int64_t f = ids[start + k + ahead];
+      __builtin_prefetch(&m[2 * f]), __builtin_prefetch(&q[3 * f]), __builtin_prefetch(&op[f]);
+      __builtin_prefetch(&col[D * f]);
+    }
     const int64_t g = ids[start + k];
     scalar_t* r = &rows[k * stride];
     r[0] = m[2 * g], r[1] = m[2 * g + 1];
@@ -337,71 +153,57 @@ void gather_tile(const RasterInputs& in, int64_t start, int64_t len, std::vector
   }
 }
 
-// Evaluates one Gaussian row at pixel centre (px, py); false where the reference skips it
-// (sigma < 0 or alpha < 1/255). Forward and backward share it so they take the same decisions.
-template <typename scalar_t>
-inline bool evaluate(const scalar_t* r, scalar_t px, scalar_t py, scalar_t& dx, scalar_t& dy, scalar_t& vis,
-                     scalar_t& alpha) {
-  dx = r[0] - px;
-  dy = r[1] - py;
-  const scalar_t sigma = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;
-  if (!(sigma >= scalar_t(0))) return false;
-  vis = std::exp(-sigma);
-  const scalar_t raw = r[5] * vis;
-  alpha = raw > static_cast<scalar_t>(kAlphaMax) ? static_cast<scalar_t>(kAlphaMax) : raw;  // NaN stays NaN
-  return alpha >= static_cast<scalar_t>(kAlphaMin);
-}
-
 // Pixels [s, e) within [a, b) whose centre x + 0.5 may lie in [lo, hi], with one pixel of slack
-// (the box is only a shortcut; `evaluate` decides). NaN bounds give the whole range.
+// (the box is only a shortcut; the sweep's alpha test decides). NaN bounds give the whole range.
 inline void pixel_span(double lo, double hi, int64_t a, int64_t b, int64_t& s, int64_t& e) {
   const double fs = std::floor(lo - 0.5), fe = std::ceil(hi - 0.5) + 1.0;
   s = fs > double(a) ? (fs < double(b) ? int64_t(fs) : b) : a;
   e = fe < double(b) ? (fe > double(a) ? int64_t(fe) : a) : b;
 }
 
-// Front-to-back compositing of one tile's pixels [x0, x1) x [y0, y1), Gaussian by Gaussian: each
-// Gaussian visits only the pixels of its reach box, and every pixel still meets its Gaussians in
-// list order, so the result is that of a per-pixel walk. A pixel stops before the Gaussian that
-// would bring its transmittance to <= 1e-4, or (backward pass) at list row limit[p].
-// on_hit(p, k, r, dx, dy, vis, alpha, T_before) is called for every composited pair; T[p] ends
-// as pixel p's final transmittance.
-template <typename scalar_t, typename OnHit>
-void sweep_tile(const std::vector<scalar_t>& rows, int64_t stride, int64_t len, int64_t x0, int64_t y0, int64_t x1,
-                int64_t y1, const int64_t* limit, std::vector<scalar_t>& T, std::vector<uint8_t>& done,
-                OnHit&& on_hit) {
-  const int64_t tw = x1 - x0, n_pixels = tw * (y1 - y0);
-  const scalar_t t_min = static_cast<scalar_t>(kTMin);
-  T.assign(n_pixels, scalar_t(1));
-  done.assign(n_pixels, 0);
-  int64_t active = n_pixels;
-  for (int64_t k = 0; k < len && active > 0; ++k) {
-    const scalar_t* r = &rows[k * stride];
-    int64_t xs, xe, ys, ye;
-    pixel_span(r[6], r[7], x0, x1, xs, xe);
-    pixel_span(r[8], r[9], y0, y1, ys, ye);
-    for (int64_t y = ys; y < ye; ++y) {
-      const scalar_t py = static_cast<scalar_t>(y) + scalar_t(0.5);
-      for (int64_t x = xs; x < xe; ++x) {
-        const int64_t p = (y - y0) * tw + (x - x0);
-        if (done[p]) continue;
-        if (limit && k >= limit[p]) {
-          done[p] = 1, --active;
-          continue;
-        }
-        const scalar_t px = static_cast<scalar_t>(x) + scalar_t(0.5);
-        scalar_t dx, dy, vis, alpha;
-        if (!evaluate(r, px, py, dx, dy, vis, alpha)) continue;
-        const scalar_t next_T = T[p] * (scalar_t(1) - alpha);
-        if (!(next_T > t_min)) {
-          done[p] = 1, --active;
-          continue;
-        }
-        on_hit(p, k, r, dx, dy, vis, alpha, T[p]);
-        T[p] = next_T;
-      }
-    }
-  }
+constexpr int64_t kLanes = 8;  // pixels per vector step (one AVX2 register of float32)
+
+// kLanes values of scalar_t (GCC/Clang vector extension: the compiler emits the widest SIMD the
+// target has, with no scalar tail), its comparison masks (-1 / 0 per lane) and kLanes int32.
+template <typename scalar_t>
+struct Lanes {
+  typedef scalar_t V __attribute__((vector_size(sizeof(scalar_t) * kLanes)));
+  using M = decltype(V{} < V{});
+};
+typedef int32_t I8 __attribute__((vector_size(4 * kLanes)));
+constexpr I8 kIota = {0, 1, 2, 3, 4, 5, 6, 7};
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte double lanes without AVX-512: inline only, no ABI
+
+template <typename V>
+inline V splat(typename std::remove_reference<decltype(V{}[0])>::type x) {
+  return V{} + x;
+}
+
+// exp(-s), lane by lane. float: a Cephes-style polynomial (within 2 ulp of expf) in plain arithmetic,
+// so every lane rounds alike; s > 87 (alpha far below 1/255 for any opacity <= 1) gives 0 and NaN
+// gives 0 (such lanes are masked out). double: std::exp.
+inline void exp_neg(const Lanes<double>::V& s, Lanes<double>::V& out) {
+  for (int64_t l = 0; l < kLanes; ++l) out[l] = std::exp(-s[l]);
+}
+
+inline void exp_neg(const Lanes<float>::V& s, Lanes<float>::V& out) {
+  using V = Lanes<float>::V;
+  V x = -s;
+  x = x >= -87.0f ? x : splat<V>(-87.0f);  // NaN becomes -87 too
+  x = x <= 0.0f ? x : splat<V>(0.0f);
+  const V kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  V r = x - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * (r * r) + r + 1.0f;
+  const I8 bits = (__builtin_convertvector(kf, I8) + 127) << 23;  // 2^kf, kf in [-126, 0]
+  const V result = y * reinterpret_cast<const V&>(bits);
+  out = s > 87.0f ? splat<V>(0.0f) : (s >= 0.0f ? result : splat<V>(0.0f));
 }
 
 // Tile t (flattened over cameras): its camera, pixel rectangle [x0, x1) x [y0, y1) clipped to the
@@ -420,6 +222,140 @@ inline TileWork tile_work(const int32_t* offsets, int64_t t, int64_t n_tiles, in
   return {t / n_tiles, x0, y0, std::min(x0 + tile_size, width), std::min(y0 + tile_size, height), start, end};
 }
 
+// 64-byte aligned storage, so that a vector of kLanes pixels starting at a multiple of kLanes is
+// aligned and the compiler neither peels scalar iterations nor versions the loop.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, AlignedAllocator<T>>;
+
+// Per-thread state of one tile's pixels, rows padded to a multiple of kLanes (padding is never alive),
+// pixel p = (y - y0) * pw + (x - x0). Sized once per thread: no allocation per tile or pixel.
+template <typename scalar_t>
+struct TileScratch {
+  int64_t pw = 0, n = 0;
+  std::vector<scalar_t> rows;
+  AlignedVector<scalar_t> T, acc;  // acc: [D][n] forward colours; [n][D] backward S
+  AlignedVector<int32_t> alive, last, limit;
+  void reset(const TileWork& w, int64_t D) {
+    pw = (w.x1 - w.x0 + kLanes - 1) / kLanes * kLanes;
+    n = pw * (w.y1 - w.y0);
+    T.assign(n, scalar_t(1));
+    acc.assign(n * D, scalar_t(0));
+    alive.resize(n);
+    last.assign(n, -1);
+    for (int64_t p = 0; p < n; ++p) alive[p] = (p % pw) < (w.x1 - w.x0);
+  }
+};
+
+// One composited (Gaussian, pixel) pair recorded by the backward pass's sweep.
+template <typename scalar_t>
+struct Hit {
+  int32_t p;  // pixel in the tile scratch
+  scalar_t dx, dy, vis, alpha, T;  // T: transmittance in front of this Gaussian
+};
+
+// Evaluations the kernels performed: {forward pairs, forward lanes, backward pairs, backward lanes}.
+// A pair is a Gaussian evaluated at a still-compositing pixel of its reach box's span of vectors; lanes
+// count every SIMD lane computed, padding and finished pixels included.
+std::atomic<int64_t> g_counts[4];
+
+// Front-to-back compositing of one tile, Gaussian by Gaussian: each Gaussian visits the vectors of
+// pixels covering its reach box's rows and columns, and every pixel meets its Gaussians in list order,
+// so the result is that of gsplat's per-pixel walk. A pixel stops before the Gaussian that would bring
+// its transmittance to <= 1e-4, or (backward pass: Record) at list row limit[p]. Forward: acc and
+// last collect colours and last rows; Record: hits are appended Gaussian by Gaussian, pixels in
+// order, and seg[k] is where Gaussian k's begin. Forward and backward run this same code, so they
+// take the same decisions bit for bit.
+template <typename scalar_t, bool Record>
+void sweep_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t len, int64_t D, const TileWork& w,
+                std::vector<Hit<scalar_t>>* hits, std::vector<int64_t>* seg, int64_t* counts) {
+  const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
+  const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
+  const int64_t pw = s.pw, n = s.n, x0 = w.x0, y0 = w.y0;
+  scalar_t* T = s.T.data();
+  scalar_t* acc = s.acc.data();
+  int32_t* alive = s.alive.data();
+  int32_t* last = s.last.data();
+  const int32_t* limit = s.limit.data();
+  int64_t active = w.n_pixels(), evaluated = 0, lanes = 0;
+  if (Record) hits->clear(), seg->assign(len + 1, -1);
+  for (int64_t k = 0; k < len && active > 0; ++k) {
+    if (Record) (*seg)[k] = static_cast<int64_t>(hits->size());
+    const scalar_t* r = &s.rows[k * stride];
+    int64_t xs, xe, ys, ye;
+    pixel_span(r[6], r[7], x0, w.x1, xs, xe);
+    pixel_span(r[8], r[9], y0, w.y1, ys, ye);
+    if (xs >= xe || ys >= ye) continue;
+    const int64_t cs = (xs - x0) / kLanes * kLanes, ce = xe - x0;  // vectors [cs, ce) of each row
+    const scalar_t mx = r[0], my = r[1], qa = r[2], qb = r[3], qc = r[4], op = r[5];
+    const int32_t kk = static_cast<int32_t>(k);
+    typename Lanes<scalar_t>::M ended_v{}, tried_v{};
+    for (int64_t y = ys; y < ye; ++y) {
+      const scalar_t py = static_cast<scalar_t>(y) + scalar_t(0.5);
+      const scalar_t dy = my - py;
+      for (int64_t c = cs; c < ce; c += kLanes) {
+        const int64_t base = (y - y0) * pw + c;
+        scalar_t* const Tb = static_cast<scalar_t*>(__builtin_assume_aligned(T + base, 32));
+        int32_t* const alive_b = static_cast<int32_t*>(__builtin_assume_aligned(alive + base, 32));
+        int32_t* const last_b = static_cast<int32_t*>(__builtin_assume_aligned(last + base, 32));
+        const int32_t* const limit_b = Record ? static_cast<const int32_t*>(__builtin_assume_aligned(limit + base, 32)) : nullptr;
+        using V = typename Lanes<scalar_t>::V;
+        using M = typename Lanes<scalar_t>::M;
+        const V px = __builtin_convertvector(kIota + static_cast<int32_t>(x0 + c), V) + scalar_t(0.5);
+        const V dx = mx - px;
+        const V sigma = scalar_t(0.5) * (qa * (dx * dx) + qc * (dy * dy)) + qb * dx * dy;
+        V vis;
+        exp_neg(sigma, vis);
+        const V raw = op * vis;
+        const V alpha = raw > a_max ? splat<V>(a_max) : raw;  // NaN stays NaN
+        const V T_before = *reinterpret_cast<const V*>(Tb);
+        const V next_T = T_before * (scalar_t(1) - alpha);
+        const M was_alive = __builtin_convertvector(*reinterpret_cast<const I8*>(alive_b), M) != 0;
+        const M at_limit = Record ? __builtin_convertvector(kk >= *reinterpret_cast<const I8*>(limit_b), M) : M{};
+        const M ok = was_alive & ~at_limit & (sigma >= scalar_t(0)) & (alpha >= a_min);
+        const M stop = ok & ~(next_T > t_min);
+        const M h = ok & ~stop;
+        const M ends = was_alive & (at_limit | stop);
+        ended_v += ends, tried_v += was_alive;  // -1 per lane
+        *reinterpret_cast<I8*>(alive_b) = __builtin_convertvector(was_alive & ~at_limit & ~stop, I8);
+        *reinterpret_cast<V*>(Tb) = h ? next_T : T_before;
+        const V wv = h ? alpha * T_before : V{};  // no subnormal products from far lanes
+        if (!Record) {
+          const I8 hk = __builtin_convertvector(h, I8);
+          *reinterpret_cast<I8*>(last_b) = hk ? splat<I8>(kk) : *reinterpret_cast<const I8*>(last_b);
+        }
+        lanes += kLanes;
+        if (Record) {
+          for (int64_t l = 0; l < kLanes; ++l)
+            if (h[l]) hits->push_back({static_cast<int32_t>(base + l), dx[l], dy, vis[l], alpha[l], T_before[l]});
+        } else {
+          for (int64_t d = 0; d < D; ++d) {
+            V* a = reinterpret_cast<V*>(&acc[d * n + base]);
+            *a = h ? *a + r[kRowHead + d] * wv : *a;
+          }
+        }
+      }
+    }
+    for (int64_t l = 0; l < kLanes; ++l) active += ended_v[l], evaluated -= tried_v[l];
+  }
+  if (Record)  // rows after an early exit (every pixel finished) and the end get the final size
+    for (int64_t k = 0; k <= len; ++k)
+      if ((*seg)[k] < 0) (*seg)[k] = static_cast<int64_t>(hits->size());
+  counts[Record ? 2 : 0] += evaluated, counts[Record ? 3 : 1] += lanes;
+}
+
 template <typename scalar_t>
 void rasterize_fwd_impl(const RasterInputs& in, int64_t width, int64_t height, int64_t tile_size,
                         at::Tensor& render_colors, at::Tensor& render_alphas, at::Tensor& last_ids) {
@@ -433,39 +369,31 @@ void rasterize_fwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
 
 #pragma omp parallel
   {
-    std::vector<scalar_t> rows, T, acc;
-    std::vector<uint8_t> done;
-    std::vector<int64_t> last;
+    TileScratch<scalar_t> s;
+    int64_t counts[4] = {0, 0, 0, 0};
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < n_total; ++t) {
       const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
       if (w.empty()) continue;
-      const int64_t cam = w.cam, x0 = w.x0, y0 = w.y0, x1 = w.x1, y1 = w.y1, start = w.start;
-      const int64_t len = w.end - start, n_pixels = w.n_pixels();
-      gather_tile(in, start, len, rows);
-      acc.assign(n_pixels * D, scalar_t(0));
-      last.assign(n_pixels, -1);
-      sweep_tile(rows, stride, len, x0, y0, x1, y1, nullptr, T, done,
-                 [&](int64_t p, int64_t k, const scalar_t* r, scalar_t, scalar_t, scalar_t, scalar_t alpha,
-                     scalar_t T_before) {
-                   const scalar_t w = alpha * T_before;
-                   for (int64_t d = 0; d < D; ++d) acc[p * D + d] += r[kRowHead + d] * w;
-                   last[p] = k;
-                 });
-      for (int64_t y = y0, p = 0; y < y1; ++y) {
-        for (int64_t x = x0; x < x1; ++x, ++p) {
-          const int64_t pix = (cam * height + y) * width + x;
+      const int64_t cam = w.cam, start = w.start, len = w.end - start;
+      gather_tile(in, start, len, s.rows);
+      s.reset(w, D);
+      sweep_tile<scalar_t, false>(s, stride, len, D, w, nullptr, nullptr, counts);
+      for (int64_t y = w.y0; y < w.y1; ++y) {
+        for (int64_t x = w.x0; x < w.x1; ++x) {
+          const int64_t p = (y - w.y0) * s.pw + (x - w.x0), pix = (cam * height + y) * width + x;
           for (int64_t d = 0; d < D; ++d) {
-            out_c[pix * D + d] = bg ? acc[p * D + d] + T[p] * bg[cam * D + d] : acc[p * D + d];
+            const scalar_t a = s.acc[d * s.n + p];
+            out_c[pix * D + d] = bg ? a + s.T[p] * bg[cam * D + d] : a;
           }
-          out_a[pix] = scalar_t(1) - T[p];
-          out_last[pix] = last[p] < 0 ? -1 : static_cast<int32_t>(start + last[p]);
+          out_a[pix] = scalar_t(1) - s.T[p];
+          out_last[pix] = s.last[p] < 0 ? -1 : static_cast<int32_t>(start + s.last[p]);
         }
       }
     }
+    for (int i = 0; i < 2; ++i) g_counts[i] += counts[i];
   }
 }
-
 }  // namespace
 
 // Front-to-back compositing. Returns render_colors [C, H, W, D], render_alphas [C, H, W, 1] and
@@ -493,13 +421,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_to_pixels_fwd(
 
 namespace {
 
-// One composited Gaussian of a pixel, recorded while the backward pass re-runs the forward sweep.
-template <typename scalar_t>
-struct Hit {
-  int64_t k;  // row in the tile's gathered list
-  scalar_t dx, dy, vis, alpha, T;  // T: transmittance in front of this Gaussian
-};
-
 // Per-Gaussian gradient row layout in the accumulation buffers.
 struct GradLayout {
   int64_t D, mean = 0, conic = 2, opacity = 5, color = 6, abs, width;
@@ -515,10 +436,13 @@ struct GradLayout {
 // (1 - a_k) is needed. Then a_k = min(0.999, o_k exp(-sigma_k)) passes gradient to o_k and sigma_k
 // only where o_k exp(-sigma_k) <= 0.999.
 //
-// Per-Gaussian sums: each tile accumulates into its own rows, which are then added to the
-// thread's float64 buffer; tiles go round-robin to threads (static schedule), and the thread buffers
-// are summed in thread order. The float64 sums make the result independent of how tiles are
-// partitioned (threads, or members of an aggregate device) up to rounding far below float32's.
+// The sweep records hits Gaussian by Gaussian; walking the Gaussians back to front (each one's
+// pixels in order) keeps every pixel back to front and adds each Gaussian's pixels in pixel order.
+// Per-Gaussian sums, independent of threads and of how tiles are split among members: each tile
+// writes its rows (in scalar_t) into `grads`, one row per intersection [M, K], and each Gaussian's
+// float64 sum then adds its rows in intersection order, i.e. tile order, whatever thread ran them.
+// The scratch is O(M K) for any thread count; the background gradient is summed per tile in
+// float64, then over tiles in order.
 template <typename scalar_t>
 void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, int64_t tile_size,
                         const at::Tensor& last_ids, const at::Tensor& v_colors_out, const at::Tensor& v_alphas_out,
@@ -535,110 +459,120 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
   const scalar_t* va = v_alphas_out.data_ptr<scalar_t>();
   const scalar_t alpha_max = static_cast<scalar_t>(kAlphaMax);
 
-  const int64_t max_threads = omp_get_max_threads();
-  at::Tensor buffers = at::zeros({max_threads, CN, K}, in.colors.options().dtype(at::kDouble));
-  at::Tensor bg_buffers = at::zeros({max_threads, C, D}, in.colors.options());
-  int64_t n_threads = 1;
+  at::Tensor grads = at::zeros({M, K}, in.colors.options());  // one row per intersection (rows past a tile's
+                                                              // last composited one stay zero)
+  at::Tensor tile_bg = at::zeros({n_total, D}, in.colors.options().dtype(at::kDouble));
+  scalar_t* grads_p = grads.data_ptr<scalar_t>();
+  double* tile_bg_p = tile_bg.data_ptr<double>();
 
 #pragma omp parallel
   {
-    const int64_t tid = omp_get_thread_num();
-#pragma omp single
-    n_threads = omp_get_num_threads();
-    double* buf = buffers.data_ptr<double>() + tid * CN * K;
-    scalar_t* bg_buf = bg_buffers.data_ptr<scalar_t>() + tid * C * D;
-    std::vector<scalar_t> rows, tile_grad, T, S(D), v_c(D);
-    std::vector<uint8_t> done;
-    std::vector<int64_t> limit;
-    std::vector<std::vector<Hit<scalar_t>>> hits(tile_size * tile_size);
-#pragma omp for schedule(static, 1)
+    TileScratch<scalar_t> s;
+    std::vector<Hit<scalar_t>> hits;
+    std::vector<int64_t> seg;
+    std::vector<scalar_t> v_c, v_a, bg_dot, B;
+    int64_t counts[4] = {0, 0, 0, 0};
+#pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < n_total; ++t) {
       const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
+      const int64_t cam = w.cam, start = w.start, end = w.end;
       if (w.empty()) continue;
-      const int64_t cam = w.cam, x0 = w.x0, y0 = w.y0, x1 = w.x1, y1 = w.y1, start = w.start, end = w.end;
-      const int64_t n_pixels = w.n_pixels();
+      s.reset(w, D);
       // Re-run the forward sweep up to each pixel's last composited row, recording the hits.
-      limit.resize(n_pixels);
+      s.limit.assign(s.n, 0);
+      v_c.assign(s.n * D, scalar_t(0));
+      v_a.assign(s.n, scalar_t(0));
+      bg_dot.assign(s.n, scalar_t(0));
+      B.assign(s.n, scalar_t(1));
       int64_t len = 0;
-      for (int64_t y = y0, p = 0; y < y1; ++y) {
-        for (int64_t x = x0; x < x1; ++x, ++p) {
-          const int64_t last = last_p[(cam * height + y) * width + x];
-          limit[p] = std::min<int64_t>(std::max<int64_t>(last + 1, start), end) - start;
-          len = std::max(len, limit[p]);
-          hits[p].clear();
-        }
-      }
-      gather_tile(in, start, len, rows);
-      tile_grad.assign(len * K, scalar_t(0));
-      sweep_tile(rows, stride, len, x0, y0, x1, y1, limit.data(), T, done,
-                 [&](int64_t p, int64_t k, const scalar_t*, scalar_t dx, scalar_t dy, scalar_t vis, scalar_t alpha,
-                     scalar_t T_before) { hits[p].push_back({k, dx, dy, vis, alpha, T_before}); });
-      // Back to front, per pixel.
-      for (int64_t y = y0, p = 0; y < y1; ++y) {
-        for (int64_t x = x0; x < x1; ++x, ++p) {
-          const int64_t pix = (cam * height + y) * width + x;
-          scalar_t bg_dot = 0;
+      for (int64_t y = w.y0; y < w.y1; ++y) {
+        for (int64_t x = w.x0; x < w.x1; ++x) {
+          const int64_t p = (y - w.y0) * s.pw + (x - w.x0), pix = (cam * height + y) * width + x;
+          const int64_t last = last_p[pix];
+          s.limit[p] = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(last + 1, start), end) - start);
+          len = std::max<int64_t>(len, s.limit[p]);
           for (int64_t d = 0; d < D; ++d) {
-            v_c[d] = vc[pix * D + d];
-            bg_buf[cam * D + d] += T[p] * v_c[d];
-            if (bg) bg_dot += bg[cam * D + d] * v_c[d];
+            v_c[p * D + d] = vc[pix * D + d];
+            if (bg) bg_dot[p] += bg[cam * D + d] * v_c[p * D + d];
           }
-          const scalar_t v_a = va[pix];
-          std::fill(S.begin(), S.end(), scalar_t(0));
-          scalar_t B = 1;
-          for (auto h = hits[p].rbegin(); h != hits[p].rend(); ++h) {
-            const scalar_t* r = &rows[h->k * stride];
-            scalar_t* gr = &tile_grad[h->k * K];
-            const scalar_t w = h->alpha * h->T;
-            scalar_t v_alpha_c = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              gr[L.color + d] += w * v_c[d];
-              v_alpha_c += (r[kRowHead + d] - S[d]) * v_c[d];
-            }
-            const scalar_t v_alpha = h->T * (v_alpha_c - B * bg_dot + B * v_a);
-            const scalar_t raw_alpha = r[5] * h->vis;
-            if (raw_alpha <= alpha_max) {
-              const scalar_t v_sigma = -raw_alpha * v_alpha;
-              const scalar_t dx = h->dx, dy = h->dy;
-              gr[L.conic] += scalar_t(0.5) * v_sigma * dx * dx;
-              gr[L.conic + 1] += v_sigma * dx * dy;
-              gr[L.conic + 2] += scalar_t(0.5) * v_sigma * dy * dy;
-              const scalar_t gx = v_sigma * (r[2] * dx + r[3] * dy);
-              const scalar_t gy = v_sigma * (r[3] * dx + r[4] * dy);
-              gr[L.mean] += gx;
-              gr[L.mean + 1] += gy;
-              if (absgrad) {
-                gr[L.abs] += std::abs(gx);
-                gr[L.abs + 1] += std::abs(gy);
-              }
-              gr[L.opacity] += h->vis * v_alpha;
-            }
-            const scalar_t one_minus = scalar_t(1) - h->alpha;
-            for (int64_t d = 0; d < D; ++d) S[d] = r[kRowHead + d] * h->alpha + one_minus * S[d];
-            B *= one_minus;
-          }
+          v_a[p] = va[pix];
         }
       }
-      for (int64_t k = 0; k < len; ++k) {
-        double* dst = buf + int64_t(flat[start + k]) * K;
-        const scalar_t* src = &tile_grad[k * K];
-        for (int64_t j = 0; j < K; ++j) dst[j] += src[j];
+      gather_tile(in, start, len, s.rows);
+      sweep_tile<scalar_t, true>(s, stride, len, D, w, &hits, &seg, counts);
+      double* tbg = tile_bg_p + t * D;
+      for (int64_t y = w.y0; y < w.y1; ++y)
+        for (int64_t x = w.x0; x < w.x1; ++x) {
+          const int64_t p = (y - w.y0) * s.pw + (x - w.x0);
+          for (int64_t d = 0; d < D; ++d) tbg[d] += double(s.T[p] * v_c[p * D + d]);
+        }
+      // Back to front over Gaussians; S (in s.acc, [n][D] here) and B per pixel.
+      scalar_t* S = s.acc.data();
+      scalar_t* tile_grad = grads_p + start * K;
+      for (int64_t k = len - 1; k >= 0; --k) {
+        const scalar_t* r = &s.rows[k * stride];
+        scalar_t* gr = &tile_grad[k * K];
+        for (int64_t i = seg[k]; i < seg[k + 1]; ++i) {
+          const Hit<scalar_t>& h = hits[i];
+          const int64_t p = h.p;
+          scalar_t* Sp = &S[p * D];
+          const scalar_t* vcp = &v_c[p * D];
+          const scalar_t w8 = h.alpha * h.T;
+          scalar_t v_alpha_c = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            gr[L.color + d] += w8 * vcp[d];
+            v_alpha_c += (r[kRowHead + d] - Sp[d]) * vcp[d];
+          }
+          const scalar_t v_alpha = h.T * (v_alpha_c - B[p] * bg_dot[p] + B[p] * v_a[p]);
+          const scalar_t raw_alpha = r[5] * h.vis;
+          if (raw_alpha <= alpha_max) {
+            const scalar_t v_sigma = -raw_alpha * v_alpha;
+            const scalar_t dx = h.dx, dy = h.dy;
+            gr[L.conic] += scalar_t(0.5) * v_sigma * dx * dx;
+            gr[L.conic + 1] += v_sigma * dx * dy;
+            gr[L.conic + 2] += scalar_t(0.5) * v_sigma * dy * dy;
+            const scalar_t gx = v_sigma * (r[2] * dx + r[3] * dy);
+            const scalar_t gy = v_sigma * (r[3] * dx + r[4] * dy);
+            gr[L.mean] += gx;
+            gr[L.mean + 1] += gy;
+            if (absgrad) {
+              gr[L.abs] += std::abs(gx);
+              gr[L.abs + 1] += std::abs(gy);
+            }
+            gr[L.opacity] += h.vis * v_alpha;
+          }
+          const scalar_t one_minus = scalar_t(1) - h.alpha;
+          for (int64_t d = 0; d < D; ++d) Sp[d] = r[kRowHead + d] * h.alpha + one_minus * Sp[d];
+          B[p] *= one_minus;
+        }
       }
     }
+    for (int i = 2; i < 4; ++i) g_counts[i] += counts[i];
   }
 
-  const double* bufs = buffers.data_ptr<double>();
+  // Each Gaussian's float64 sum over its intersections in order; a thread owns a range of Gaussians
+  // and scans all flat ids for them (no inverse index, nothing per thread but the range).
   double* out = sums.data_ptr<double>();
-#pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < CN; ++g) {
-    double* sum = out + g * K;
-    std::fill(sum, sum + K, 0.0);
-    for (int64_t th = 0; th < n_threads; ++th) {
-      const double* src = bufs + (th * CN + g) * K;
-      for (int64_t j = 0; j < K; ++j) sum[j] += src[j];
+  std::fill(out, out + CN * K, 0.0);
+#pragma omp parallel
+  {
+    const int64_t n_threads = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t lo = CN * tid / n_threads, hi = CN * (tid + 1) / n_threads;
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t g = flat[i];
+      if (g < lo || g >= hi) continue;
+      double* dst = out + g * K;
+      const scalar_t* src = grads_p + i * K;
+      for (int64_t j = 0; j < K; ++j) dst[j] += src[j];
     }
   }
-  v_backgrounds.copy_(bg_buffers.narrow(0, 0, n_threads).sum(0));
+  scalar_t* v_bg = v_backgrounds.data_ptr<scalar_t>();
+  for (int64_t cam = 0; cam < C; ++cam)
+    for (int64_t d = 0; d < D; ++d) {
+      double sum = 0;  // over the camera's tiles in order
+      for (int64_t t = 0; t < n_tiles; ++t) sum += tile_bg_p[(cam * n_tiles + t) * D + d];
+      v_bg[cam * D + d] = static_cast<scalar_t>(sum);
+    }
 }
 
 }  // namespace
@@ -693,9 +627,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           v_backgrounds};
 }
 
+// The kernels' evaluation counts since the last reset, int64 [4]: forward (Gaussian, pixel) pairs
+// evaluated, forward SIMD lanes computed, and the same for the backward pass's sweep.
+at::Tensor raster_counts(bool reset) {
+  at::Tensor out = at::empty({4}, at::kLong);
+  for (int i = 0; i < 4; ++i) out[i] = reset ? g_counts[i].exchange(0) : g_counts[i].load();
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(ms_splatfacto, m) {
-  m.def("isect_tiles", &isect_tiles);
-  m.def("isect_offset_encode", &isect_offset_encode);
+  m.def("raster_counts", &raster_counts);
   m.def("rasterize_to_pixels_fwd", &rasterize_to_pixels_fwd);
   m.def("rasterize_to_pixels_bwd", &rasterize_to_pixels_bwd);
 }

@@ -8,13 +8,20 @@ The sources are `csrc/` at the top of a checkout (editable installs too); a whee
 `ms_splatfacto/_csrc` (see pyproject.toml). A checkout caches builds in `<repo>/.build`; an installed
 package cannot count on writing to site-packages, so it caches in `$MS_SPLATFACTO_CACHE` or
 `~/.cache/ms_splatfacto/<version>-torch<version>` (a torch upgrade must not load stale binaries).
+
+The kernels are compiled for the host CPU (`-march=native`), so the cache is keyed by the compiler
+flags and the host CPU (`cpu_build_key`): a build made on another CPU, or with other flags, sits in
+another folder under another name and is never loaded. `MS_SPLATFACTO_MARCH` overrides the target
+(e.g. `x86-64-v2` for a portable build; empty for none).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import platform
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +58,36 @@ BUILD_DIR = Path(os.environ.get("MS_SPLATFACTO_BUILD_DIR", BUILD_ROOT / "cpu"))
 
 class KernelBuildError(RuntimeError):
     """The C++ kernels could not be compiled or loaded."""
+
+
+def cpu_flags() -> List[str]:
+    """Compiler flags of the CPU kernels. -ffp-contract=off: no FMA contraction, so a value rounds the
+    same whichever code path (vector body, scalar tail, forward or backward sweep) computes it."""
+    march = os.environ.get("MS_SPLATFACTO_MARCH", "native")
+    return ["-O3", "-fopenmp", "-ffp-contract=off"] + ([f"-march={march}"] if march else [])
+
+
+def host_cpu() -> str:
+    """What -march=native compiles for: the CPU model and its feature flags (Linux), else the platform's
+    description of the processor."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "model name", "cpu family", "model", "flags", "Features", "CPU part") and key not in fields:
+            fields[key] = value.strip()
+    return f"{platform.machine()} " + " | ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+
+def cpu_build_key(flags: List[str]) -> str:
+    """12 hex digits naming a build of the CPU kernels: the flags, and the host CPU when they target it."""
+    native = any(f in ("-march=native", "-mcpu=native") for f in flags)
+    text = " ".join(flags) + ("\n" + host_cpu() if native else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def cpu_sources() -> list[Path]:
@@ -99,12 +136,15 @@ def _build_progress(what: str):
 def load_cpu_kernels() -> None:
     """Compile (if needed) and load the CPU kernels; afterwards `torch.ops.ms_splatfacto.*` exist."""
     sources = cpu_sources()
+    flags = cpu_flags()
+    key = cpu_build_key(flags)
     print(f"ms-splatfacto: loading CPU kernels ({len(sources)} sources; the first build takes about a minute)...",
           file=sys.stderr, flush=True)
     build_extension(
-        EXTENSION_NAME, sources, BUILD_DIR, "the C++ CPU kernels",
-        "Use the pure-PyTorch kernels meanwhile with --pipeline.model.kernels reference.",
-        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # torch adds the C++ standard it needs
+        f"{EXTENSION_NAME}_{key}", sources, BUILD_DIR / key, "the C++ CPU kernels",
+        "Use the pure-PyTorch kernels meanwhile with --pipeline.model.kernels reference, or set "
+        "MS_SPLATFACTO_MARCH= (empty) if the compiler rejects -march=native.",
+        extra_cflags=flags,  # torch adds the C++ standard it needs
         extra_ldflags=["-fopenmp"],
     )
 
@@ -117,4 +157,4 @@ def cpu_ops():
 
 if __name__ == "__main__":
     load_cpu_kernels()
-    print(f"ms-splatfacto: CPU kernels ready (cached in {BUILD_DIR})")
+    print(f"ms-splatfacto: CPU kernels ready (cached in {BUILD_DIR / cpu_build_key(cpu_flags())})")

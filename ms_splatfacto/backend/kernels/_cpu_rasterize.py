@@ -1,4 +1,5 @@
-"""CPU tile intersection and rasterisation: the C++/OpenMP ops of `csrc/cpu/rasterize.cpp`.
+"""CPU tile intersection and rasterisation: the C++/OpenMP ops of `csrc/cpu/isect.cpp`
+and `csrc/cpu/rasterize.cpp`.
 
 Same signatures and results as `reference.isect_tiles`, `reference.isect_offset_encode` and
 `reference.rasterize_to_pixels`; the rasteriser's backward pass is hand-written in C++ instead of
@@ -95,6 +96,16 @@ class _RasterizeToPixels(torch.autograd.Function):
         if backgrounds is None or not ctx.needs_input_grad[4]:
             v_backgrounds = None
         return v_means2d, v_conics, v_colors, v_opacities, v_backgrounds, None, None, None, None, None, None, None
+
+
+def evaluation_counts(reset: bool = False) -> Dict[str, int]:
+    """(Gaussian, pixel) evaluations the C++ rasterizer performed since the last reset, counted in the
+    kernel: `forward`/`backward` pairs (a Gaussian evaluated at a pixel still compositing, in the SIMD
+    vectors covering its reach box), `forward_lanes`/`backward_lanes` (every SIMD lane computed,
+    padding and finished pixels included); `evaluations` and `lanes` are their totals."""
+    fwd, fwd_lanes, bwd, bwd_lanes = (int(v) for v in build.cpu_ops().raster_counts(reset))
+    return {"forward": fwd, "forward_lanes": fwd_lanes, "backward": bwd, "backward_lanes": bwd_lanes,
+            "evaluations": fwd + bwd, "lanes": fwd_lanes + bwd_lanes}
 
 
 def rasterize_to_pixels(
