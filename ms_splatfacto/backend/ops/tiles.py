@@ -148,14 +148,25 @@ def plan_tiles(
             means2d.chunks[s].transpose(0, 1).contiguous(), radii.chunks[s].t().contiguous(),
             depths.chunks[s].t().contiguous(), tile_size, tile_width, tile_height,
         )
-        key = ids >> 32
-        global_tile = (key >> tile_bits) * per_camera + (key & ((1 << tile_bits) - 1))
         flat = flat.long()
         record = (layout.bounds[s] + flat % n_s) * C + flat // n_s  # global row * C + camera
+        del flat  # [M_s] temporaries are freed as soon as they are used: they scale with N
+        if n_members == 1:  # one key range: nothing to route
+            cuts[s] = torch.tensor([0, ids.shape[0]], device=device)
+            sorted_pairs[s] = torch.stack([ids, record], dim=1)  # [M_s, 2]: key, record
+            continue
+        key = ids >> 32
+        global_tile = (key >> tile_bits) * per_camera + (key & ((1 << tile_bits) - 1))
+        del key
         dest = torch.bucketize(global_tile, torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=device), right=True)
+        del global_tile
         order = torch.sort(dest, stable=True)
+        del dest
         cuts[s] = torch.searchsorted(order.values, torch.arange(n_members + 1, device=device))
-        sorted_pairs[s] = torch.stack([ids, record], dim=1)[order.indices]  # [M_s, 2]: key, record
+        index = order.indices
+        del order
+        sorted_pairs[s] = torch.stack([ids[index], record[index]], dim=1)  # [M_s, 2]: key, record
+        del ids, record, index
     ends = read_ints(cuts)  # the one host read of this phase, for all local members
     send: Dict[int, List[Tensor]] = {}
     for s in m.local:
@@ -164,10 +175,16 @@ def plan_tiles(
         else:
             send[s] = [torch.zeros((0, 2), dtype=torch.long, device=m.devices[s])] * n_members
     routed = exchange.all_to_all(m, send)
+    del send, sorted_pairs
     pixel_owner = _pixel_owners(torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=m.device), C, width, height,
                                 tile_size, tile_width, tile_height)
-    sorted_routes = {r: _sort_routed(kernels, r, routed[r], tile_bounds, layout, C, tile_width, tile_height, tile_bits)
-                     for r in m.local if tile_bounds[r + 1] > tile_bounds[r]}
+    n_isects = sum(p.shape[0] for r in m.local for p in routed[r])
+    sorted_routes = {}
+    for r in m.local:
+        if tile_bounds[r + 1] > tile_bounds[r]:
+            sorted_routes[r] = _sort_routed(kernels, r, routed[r], tile_bounds, layout, C, tile_width, tile_height, tile_bits)
+        routed[r] = None  # its pairs are sorted: the [M, 2] pieces can go
+    del routed
     source_ends = read_ints({r: routes.source_cuts for r, routes in sorted_routes.items()})  # this phase's one read
     row_bounds = _pixel_row_bounds(tile_bounds, tile_width, tile_height, height, tile_size)
     work: List[Optional[MemberTiles]] = [None] * n_members
@@ -178,7 +195,6 @@ def plan_tiles(
             work[r] = _member_tiles(r, sorted_routes[r], source_ends[r], layout, C, pixel_owner, n_pixels)
         asks[r] = _asks(work[r], r, layout)
     serve = exchange.all_to_all(m, asks) if m.local else {}
-    n_isects = sum(p.shape[0] for r in m.local for p in routed[r])
     return TilePlan(layout, C, width, height, tile_size, tile_width, tile_height, tile_bounds, work, serve, pixel_owner, n_isects)
 
 
@@ -228,10 +244,15 @@ def _sort_routed(
 ) -> _SortedRoutes:
     per_camera = tile_width * tile_height
     cam_lo, cam_hi = tile_bounds[r] // per_camera, (tile_bounds[r + 1] - 1) // per_camera
-    pairs = torch.cat(routed).to(layout.members.devices[r])
-    ids, order = torch.sort(pairs[:, 0], stable=True)  # sources arrive in global row order: stable = one device's order
-    records = pairs[:, 1][order]
+    pieces = [p for p in routed if p.shape[0]]
+    pairs = (pieces[0] if len(pieces) == 1 else torch.cat(routed)).to(layout.members.devices[r])
+    ids, records = pairs[:, 0], pairs[:, 1]
+    if len(pieces) != 1 or not bool((ids[1:] >= ids[:-1]).all()):  # one source's keys come sorted: no sort needed
+        ids, order = torch.sort(ids, stable=True)  # sources arrive in global row order: stable = one device's order
+        records = records[order]
+        del order
     unique, flatten_ids = torch.unique(records, return_inverse=True)
+    del records
     offsets = kernels.isect_offset_encode(ids - (cam_lo << (32 + tile_bits)), cam_hi - cam_lo + 1, tile_width, tile_height)
     firsts = torch.tensor([b * C for b in layout.bounds], dtype=unique.dtype, device=unique.device)
     return _SortedRoutes(cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, torch.searchsorted(unique, firsts))
@@ -259,36 +280,44 @@ def _member_tiles(
     )
 
 
-def _pack(fields: Tuple[AggregateTensor, ...], s: int) -> Tensor:
-    """Local owner s's records of every field side by side: [rows_s * C, sum of field widths]."""
-    n_s, C = fields[0].chunks[s].shape[:2]
-    return torch.cat([f.chunks[s].reshape(n_s * C, -1) for f in fields], dim=1)
-
-
 def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[int, List[Tensor]]:
     """Each local member's records of each field ([N, C, ...] aggregates) as [C_r, P, ...] arrays, read
-    from their owners in one exchange (remote reads for records another member holds). Records are
-    grouped by owner, so each field is one concatenation of per-owner pieces, zero-padded to C_r * P."""
+    from their owners in one exchange (remote reads for records another member holds; a member's own
+    records are selected in place). Records are grouped by owner; each field is written once into its
+    array, zero-padded to C_r * P: no copy of all N * C records is made."""
     layout = plan.layout
     m = layout.members
+    widths = [math.prod(f.shape[2:]) for f in fields]
+    flat = {s: [f.chunks[s].reshape(-1, w) for f, w in zip(fields, widths)] for s in m.local}  # local owners' [rows * C, w] views
     send = {}
     for s in m.local:
-        packed = _pack(fields, s)
-        none = packed[:0]
-        send[s] = [packed.index_select(0, plan.serve[s][r].to(packed.device)) if plan.serve[s][r].shape[0] else none
-                   for r in range(len(m))]
+        none = torch.zeros((0, sum(widths)), dtype=fields[0].dtype, device=m.devices[s])
+        send[s] = [
+            torch.cat([x.index_select(0, plan.serve[s][r].to(x.device)) for x in flat[s]], dim=1)
+            if r != s and plan.serve[s][r].shape[0] else none
+            for r in range(len(m))
+        ]
     got = exchange.all_to_all(m, send, kind="remote_read")
-    widths = [math.prod(f.shape[2:]) for f in fields]
     out = {}
     for r in m.local:
         work = plan.work[r]
         if work is None:
             continue
-        rows = torch.cat([got[r][src.source] for src in work.sources]) if work.sources else got[r][r][:0]
         padded = work.padded * work.n_cameras
-        rows = torch.cat([rows, rows.new_zeros((padded - work.n_records, rows.shape[1]))])
-        pieces = torch.split(rows, widths, dim=1)
-        out[r] = [p.reshape(work.n_cameras, work.padded, *f.shape[2:]).contiguous() for p, f in zip(pieces, fields)]
+        arrays = [torch.empty((padded, w), dtype=f.dtype, device=m.devices[r]) for f, w in zip(fields, widths)]
+        for src in work.sources:
+            rows = slice(src.start, src.stop)
+            if src.source == r:  # its own records: selected straight into the arrays
+                index = plan.serve[r][r].to(m.devices[r])
+                for array, x in zip(arrays, flat[r]):
+                    torch.index_select(x, 0, index, out=array[rows])
+            else:
+                columns = torch.split(got[r][src.source], widths, dim=1)
+                for array, piece in zip(arrays, columns):
+                    array[rows] = piece
+        for array in arrays:
+            array[work.n_records :].zero_()
+        out[r] = [a.view(work.n_cameras, work.padded, *f.shape[2:]) for a, f in zip(arrays, fields)]
     return out
 
 
@@ -406,18 +435,12 @@ class _TileRasterize(torch.autograd.Function):
                 found.append(getattr(records[0], "absgrad", None))
             if sums:  # kernel sets that keep unrounded sums filled the dict in their backward
                 found = [sums[k] for k in ("means2d", "conics", "colors", "opacities", "absgrad")[: len(found)]]
+                sums.clear()  # the partials alone hold them now: each is freed once its field is reduced
             partials[r] = found
         ctx.graphs = []
         streams.join()
         wide = torch.float64 if getattr(ctx.kernels, "KEEPS_FLOAT64_SUMS", False) else ctx.dtype
-        owned = _reduce_scatter(plan, partials, ctx.row_shapes[:n_fields], wide)
-        del partials
-        builders = [LocalRows(layout) for _ in range(n_fields)]
-        for d in m.local:  # local owners: rounded into the members' whole where the layout fuses
-            for i, b in enumerate(builders):
-                b.put(d, owned[d][i].reshape(layout.counts[d], *ctx.row_shapes[i]).to(ctx.dtype))
-            del owned[d]
-        out = [b.result() for b in builders]
+        out = _reduce_scatter(plan, partials, ctx.row_shapes[:n_fields], wide, ctx.dtype)
         if ctx.absgrad:
             ctx.means2d.absgrad = out[4]
         ctx.means2d = None
@@ -425,13 +448,14 @@ class _TileRasterize(torch.autograd.Function):
 
 
 def _reduce_scatter(
-    plan: TilePlan, partials: Dict[int, List[Optional[Tensor]]], row_shapes, wide: torch.dtype
-) -> Dict[int, List[Tensor]]:
+    plan: TilePlan, partials: Dict[int, List[Optional[Tensor]]], row_shapes, wide: torch.dtype, dtype: torch.dtype
+) -> List[AggregateTensor]:
     """Hand each owner the gradients of its records that each member accumulated: every member sends
-    each owner its records' gradients of all fields side by side (in `wide`: float64 where the kernel
-    set gives unrounded sums, so the owner's total rounds like the single-device one) in one exchange, and the
-    owner adds them into its [rows * C, ...] buffers in member order. Returns, per local owner, one
-    flat gradient per field."""
+    each other owner its records' gradients of all fields side by side (in `wide`: float64 where the
+    kernel set gives unrounded sums, so the owner's total rounds like the single-device one) in one
+    exchange; a member's own records stay where they are. Each owner adds them field by field into a
+    [rows * C, w] buffer in member order and rounds it to `dtype` before the next field's buffer
+    exists. Returns one [N, C, ...] aggregate gradient per field."""
     layout = plan.layout
     m = layout.members
     widths = [math.prod(shape[1:]) for shape in row_shapes]
@@ -441,24 +465,32 @@ def _reduce_scatter(
         work = plan.work[r]
         device = m.devices[r]
         pieces = [torch.zeros((0, sum(widths)), dtype=wide, device=device)] * len(m)  # one empty piece for owners it did not read
-        if work is not None and r in partials:
-            flat = [
-                (g.reshape(-1, w) if g is not None else torch.zeros((work.padded * work.n_cameras, w), dtype=wide, device=device)).to(wide)
-                for g, w in zip(partials[r], widths)
-            ]
-            packed = torch.cat(flat, dim=1)
-            for src in work.sources:
-                pieces[src.source] = packed[src.start : src.stop]
+        for src in work.sources if work is not None and r in partials else ():
+            if src.source != r:
+                pieces[src.source] = torch.cat([
+                    (g.reshape(-1, w)[src.start : src.stop] if g is not None else torch.zeros((src.stop - src.start, w), device=device)).to(wide)
+                    for g, w in zip(partials[r], widths)
+                ], dim=1)
         send[r] = pieces
     got = exchange.all_to_all(m, send, kind="reduce_scatter")
-    owned = {}
-    for s in m.local:
-        buffer = torch.zeros((layout.counts[s] * C, sum(widths)), dtype=wide, device=m.devices[s])
-        for r in range(len(m)):
-            if got[s][r].shape[0]:
-                buffer.index_add_(0, plan.serve[s][r].to(buffer.device), got[s][r].to(buffer.device))
-        owned[s] = list(torch.split(buffer, widths, dim=1))
-    return owned
+    builders = [LocalRows(layout) for _ in widths]
+    for i, (w, builder) in enumerate(zip(widths, builders)):
+        column = sum(widths[:i])
+        for s in m.local:  # local owners
+            buffer = torch.zeros((layout.counts[s] * C, w), dtype=wide, device=m.devices[s])
+            for r in range(len(m)):
+                if r == s:
+                    own = next((src for src in plan.work[s].sources if src.source == s), None) if plan.work[s] is not None else None
+                    g = partials.get(s, [None] * len(widths))[i]
+                    if own is not None and g is not None:
+                        buffer.index_add_(0, plan.serve[s][s].to(buffer.device), g.reshape(-1, w)[own.start : own.stop].to(wide))
+                elif got[s][r].shape[0]:
+                    buffer.index_add_(0, plan.serve[s][r].to(buffer.device), got[s][r][:, column : column + w].to(buffer.device))
+            builder.put(s, buffer.view(layout.counts[s], *row_shapes[i]).to(dtype))
+            del buffer
+        for found in partials.values():
+            found[i] = None
+    return [b.result() for b in builders]
 
 
 def tile_rasterize(
