@@ -129,11 +129,13 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs of each side")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()  # others share the cores: say how busy they were
     results = section_ranks(args.gaussians, args.ranks, args.steps, args.runs)
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": str(date.today()), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "command": "benchmarks/ranks_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "benchmarks/ranks_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "load_average_1_5_15_min": {"before": list(load_before), "after": list(os.getloadavg())}}
     (args.out / "ranks.json").write_text(json.dumps({"meta": meta, "ranks": results}, indent=1))
     plot(results, args.out / "ranks_step_time.png")
 
