@@ -31,10 +31,11 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.utils.rich_utils import CONSOLE
 from rich.progress import track
 
+from ms_splatfacto.backend.aggregate import world
 from ms_splatfacto.errors import InputError
 from ms_splatfacto.image_rows import KernelBuildError, TensorRows, image_ops
 from ms_splatfacto.image_stream import (
-    BAD_IMAGE_ERRORS, ImageStream, LazyImages, decode, decoded_bytes, human_bytes, load_rows, rows_supported,
+    BAD_IMAGE_ERRORS, ImageStream, LazyImages, ReadableImages, decode, decoded_bytes, human_bytes, load_rows, rows_supported,
     undistort_intrinsics,
 )
 
@@ -82,6 +83,7 @@ class MsDatamanager(FullImageDatamanager):
         self._stream: Optional[ImageStream] = None
         self._hw: Optional[List[Tuple[int, int]]] = None
         self._skipped: Dict[int, str] = {}
+        self._skipped_eval: Dict[int, str] = {}
         self._staged: Optional[Tuple[List[int], Dict]] = None
         self._first_batch = True
         self._planned: Optional[Tuple[int, int]] = None
@@ -175,11 +177,45 @@ class MsDatamanager(FullImageDatamanager):
         cameras = self.eval_dataset.cameras.to(self.device)
 
         def item(i: int):
-            data = self.cached_eval[i].copy()
-            data["image"] = data["image"].to(self.device)
-            return cameras[i : i + 1], data
+            data = self._eval_data(i)
+            return None if data is None else (cameras[i : i + 1], data)
 
-        return LazyImages(item, len(self.eval_dataset))
+        return ReadableImages(LazyImages(item, len(self.eval_dataset)))
+
+    def next_eval_image(self, step: int) -> Tuple[Cameras, Dict]:
+        """nerfstudio's draw of an unseen evaluation camera; in stream mode an unreadable image is skipped
+        (one line, counted) and the next one drawn, as in training."""
+        if self.images_mode != "stream":
+            return super().next_eval_image(step)
+        for _ in range(len(self.eval_dataset)):
+            image_idx = self.eval_unseen_cameras.pop(random.randint(0, len(self.eval_unseen_cameras) - 1))
+            if len(self.eval_unseen_cameras) == 0:
+                self.eval_unseen_cameras = list(range(len(self.eval_dataset)))
+            data = self._eval_data(image_idx)
+            if data is not None:
+                return self.eval_dataset.cameras[image_idx : image_idx + 1].to(self.device), data
+        raise InputError(f"No evaluation image can be read ({len(self._skipped_eval)} tried, e.g. "
+                         f"{next(iter(self._skipped_eval.values()))}); repair them or train without evaluation.")
+
+    def _eval_data(self, idx: int) -> Optional[Dict]:
+        """Evaluation image `idx` on the device, or None (after one line the first time, counted) where it
+        cannot be read."""
+        if idx in self._skipped_eval:
+            return None
+        try:
+            data = self.cached_eval[idx].copy()
+        except InputError as err:
+            self._skipped_eval[idx] = str(err)
+            CONSOLE.print(f"Skipped unreadable evaluation image: {err}; {len(self._skipped_eval)} of "
+                          f"{len(self.eval_dataset)} so far.", style="yellow", markup=False, highlight=False, soft_wrap=True)
+            return None
+        data["image"] = data["image"].to(self.device)
+        return data
+
+    @property
+    def skipped_eval_images(self) -> Dict[int, str]:
+        """Evaluation images skipped as unreadable so far (camera index to error)."""
+        return dict(self._skipped_eval)
 
     def _read(self, dataset, raw: Cameras, idx: int) -> Dict:
         try:
@@ -271,6 +307,11 @@ class MsDatamanager(FullImageDatamanager):
         if self._stream is None:
             return self.cached_train[idx]
         data = self._stream.get(idx)
+        if world.active():  # every rank must skip the same cameras, even where only one rank cannot read a file
+            failed = world.ranks_with(data is None)
+            if failed and data is not None:
+                self._stream.bad[idx] = f"unreadable on rank {failed[0]} but not here: the ranks' copies differ"
+                data = None
         if data is None and idx not in self._skipped:
             self._skipped[idx] = error = self._stream.bad[idx]
             total, path = len(self.train_dataset), self.train_dataset.image_filenames[idx]

@@ -182,6 +182,23 @@ class LazyImages(Sequence):
         return self._get(idx % self._count)
 
 
+class ReadableImages(Sequence):
+    """A `LazyImages` whose items are None where unreadable: iterating it yields the readable ones only
+    (nerfstudio's evaluation loops iterate); its length stays the count of images."""
+
+    def __init__(self, items: LazyImages) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, idx):
+        return self._items[idx]
+
+    def __iter__(self):
+        return (item for item in (self._items[i] for i in range(len(self._items))) if item is not None)
+
+
 class ImageStream:
     """Decodes images on `workers` threads into a least-recently-used cache of decoded images.
 

@@ -5,6 +5,7 @@ at thousands of cameras."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List
@@ -20,6 +21,7 @@ from ms_splatfacto.errors import InputError
 from ms_splatfacto.image_rows import ImageRows
 from ms_splatfacto.image_stream import ImageStream
 from tests.conftest import train
+from tests.ranks import run_ranks
 
 CAMERA_FIELDS = ("camera_to_worlds", "fx", "fy", "cx", "cy", "width", "height", "distortion_params", "camera_type")
 
@@ -228,6 +230,45 @@ def test_a_truncated_image_is_skipped_with_one_line_and_counted(tmp_path: Path, 
     assert drawn[:11] == order[:10] + [order[11]], "the step meeting it takes the next camera"
     first_epoch = drawn[: len(order) - 1]
     assert sorted(first_epoch) == sorted(set(order) - {bad}) and bad not in drawn
+
+
+def test_a_truncated_evaluation_image_is_skipped_with_one_line_and_counted(tmp_path: Path, capsys):
+    data = write_photo_dataset(tmp_path / "d", 40)
+    datamanager = photos(data, "stream")
+    files = datamanager.eval_dataset.image_filenames
+    bad = 1
+    files[bad].write_bytes(files[bad].read_bytes()[:900])
+    readable = [i for i in range(len(files)) if i != bad]
+    drawn = [int(datamanager.next_eval_image(step)[1]["image_idx"]) for step in range(2 * len(readable))]
+    whole = list(datamanager.fixed_indices_eval_dataloader)
+    lines = [line for line in capsys.readouterr().out.splitlines() if files[bad].name in line]
+    assert len(lines) == 1 and "Skipped unreadable evaluation image" in lines[0] and "truncated" in lines[0], lines
+    assert datamanager.skipped_eval_images.keys() == {bad}
+    assert sorted(drawn[: len(readable)]) == readable, "each readable image once per round"
+    assert [int(batch["image_idx"]) for _, batch in whole] == readable
+    assert all(batch["image"].shape[:2] == (192, 256) for _, batch in whole)
+
+
+def _draw_on_this_rank(folders: List[str], steps: int):
+    """One rank's training cameras for `steps` steps from its own copy of the dataset, and what it skipped."""
+    from ms_splatfacto.backend.aggregate import world
+
+    datamanager = photos(Path(folders[world.rank()]), "stream")
+    drawn = [datamanager.next_train(step)[0].metadata["cam_idx"] for step in range(steps)]
+    return drawn, datamanager.skipped_images
+
+
+def test_a_file_unreadable_on_one_rank_only_is_skipped_by_every_rank(tmp_path: Path):
+    data, order, files = order_dataset(tmp_path)
+    copy = tmp_path / "rank1"
+    shutil.copytree(data, copy)
+    bad = order[6]
+    broken = copy / files[bad].relative_to(data)
+    broken.write_bytes(broken.read_bytes()[:900])  # rank 1's copy only
+    (drawn0, skipped0), (drawn1, skipped1) = run_ranks(2, _draw_on_this_rank, [str(data), str(copy)], len(order), tmp=tmp_path)
+    assert drawn0 == drawn1 and bad not in drawn0 and drawn0[:7] == order[:6] + [order[7]]
+    assert skipped0.keys() == skipped1.keys() == {bad}
+    assert "unreadable on rank 1 but not here" in skipped0[bad] and "truncated" in skipped1[bad]
 
 
 def test_too_many_unreadable_images_stop_training_with_one_clear_line(tmp_path: Path):

@@ -58,3 +58,15 @@ def all_gather_object(obj: Any) -> List[Any]:
         return [obj]
     dist.all_gather_object(out, obj)
     return out
+
+
+def ranks_with(flag: bool) -> List[int]:
+    """The ranks whose `flag` is true (every rank calls this; one all-reduce of [world size] ints, on the
+    GPU where the process group is NCCL's)."""
+    if not active():
+        return [0] if flag else []
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.zeros(size(), dtype=torch.int32, device=device)
+    flags[rank()] = int(flag)
+    dist.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
