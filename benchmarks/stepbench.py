@@ -93,13 +93,14 @@ def build_model(devices: str, kernels: str = "cpu", sh_degree: int = 3):
     return model
 
 
-def load(model, gaussians: Dict[str, torch.Tensor]) -> Dict[str, torch.optim.Optimizer]:
-    """Give the model these Gaussians (consumed: the plain tensors are dropped) and fresh Adam optimizers."""
+def load(model, gaussians: Dict[str, torch.Tensor], fused_adam: bool = False) -> Dict[str, torch.optim.Optimizer]:
+    """Give the model these Gaussians (consumed: the plain tensors are dropped) and fresh Adam optimizers
+    (`fused_adam`: torch's one-kernel Adam, which makes no [N, ...] temporaries)."""
     for name in list(gaussians):
         model.gauss_params[name] = parameter(gaussians.pop(name), model.members)
     model.strategy_state = model.strategy.initialize_state(scene_scale=1.0)
     lrs = {"means": 1.6e-4, "scales": 5e-3, "quats": 1e-3, "features_dc": 2.5e-3, "features_rest": 1.25e-4, "opacities": 5e-2}
-    optimizers = {name: torch.optim.Adam(params, lr=lrs[name], eps=1e-15) for name, params in model.get_gaussian_param_groups().items()}
+    optimizers = {name: torch.optim.Adam(params, lr=lrs[name], eps=1e-15, fused=fused_adam or None) for name, params in model.get_gaussian_param_groups().items()}
     model.step, model.optimizers = STEP, optimizers
     return optimizers
 
@@ -172,7 +173,8 @@ def reset_peak() -> bool:
         return False
 
 
-def measure_memory(gaussians: int, devices: str, steps: int, kernels: str = "cpu", sh_degree: int = 3) -> Dict[str, object]:
+def measure_memory(gaussians: int, devices: str, steps: int, kernels: str = "cpu", sh_degree: int = 3,
+                   fused_adam: bool = False) -> Dict[str, object]:
     """Peak resident memory of `steps` training steps over the resident memory before the Gaussians exist.
 
     Torch's CPU tensors come from malloc/mmap, not Python's allocator (tracemalloc misses them), so this
@@ -181,11 +183,12 @@ def measure_memory(gaussians: int, devices: str, steps: int, kernels: str = "cpu
     train_step(model, load(model, {}), 0)  # kernels loaded, buffers of the 1804 seed Gaussians made and freed
     baseline = rss_now()
     reset_ok = reset_peak()
-    optimizers = load(model, synthetic_gaussians(gaussians, sh_degree))
+    optimizers = load(model, synthetic_gaussians(gaussians, sh_degree), fused_adam)
     times = [train_step(model, optimizers, i)[0]["total"] for i in range(steps)]
     peak = peak_rss()
     return {"gaussians": gaussians, "devices": devices, "sh_degree": sh_degree, "steps": steps, "baseline_rss": baseline,
-            "peak_rss": peak, "peak_over_baseline": peak - baseline, "peak_reset": reset_ok, "step_s": times}
+            "peak_rss": peak, "peak_over_baseline": peak - baseline, "peak_reset": reset_ok, "step_s": times,
+            "threads": torch.get_num_threads(), "fused_adam": fused_adam}
 
 
 def measure_time(gaussians: int, devices: str, steps: int, warmup: int, kernels: str = "cpu", sh_degree: int = 3) -> Dict[str, object]:
@@ -211,6 +214,7 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--kernels", default="cpu")
     parser.add_argument("--sh-degree", type=int, default=3)
+    parser.add_argument("--fused-adam", action="store_true", help="torch's fused Adam (no [N, ...] temporaries in its step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--time-steps", type=int, default=0, help="time this many steps instead of measuring memory")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before --time-steps")
@@ -220,7 +224,7 @@ def main(argv: List[str] | None = None) -> None:
     if args.time_steps:
         print(json.dumps(measure_time(args.gaussians, args.devices, args.time_steps, args.warmup, args.kernels, args.sh_degree)))
         return
-    print(json.dumps(measure_memory(args.gaussians, args.devices, args.steps, args.kernels, args.sh_degree)))
+    print(json.dumps(measure_memory(args.gaussians, args.devices, args.steps, args.kernels, args.sh_degree, args.fused_adam)))
 
 
 if __name__ == "__main__":

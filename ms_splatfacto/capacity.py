@@ -2,18 +2,28 @@
 
     python -m ms_splatfacto.capacity --gaussians 1e9 --sh-degree 3 --image 1920x1080 --batch 1 --members 8x141GB
 
-Per Gaussian (float32 throughout), with F = 11 + 3 (d + 1)^2 floats at SH degree d (59 at degree 3):
+Per Gaussian (float32 throughout), with F = 11 + 3 (d + 1)^2 floats at SH degree d (59 at degree 3) and
+K = (d + 1)^2 SH coefficients:
 - parameters 4F, gradients 4F, Adam's two moments 8F (the 944 B arithmetic minimum at degree 3);
 - densification statistics: accumulated screen gradient, visibility count and largest radius (12 B);
-- projected records, per camera of the batch: the forward record the backward pass reads (2D mean 2,
-  conic 3, colour 3, opacity 1, depth 1, radius 1 = 44 B) and its gradient (2D mean, its absolute
-  value for densification, conic, colour, opacity = 44 B), counted for every Gaussian (all visible);
-- transient buffers of the step: the [N, (d+1)^2, 3] SH colour tensor the model concatenates and its
-  gradient (24 (d+1)^2 B), the activations exp(scales) and sigmoid(opacities) with their gradients
-  (32 B), plus TRANSIENT_REST_PER_GAUSSIAN per camera (calibrated on the CPU, see there);
+- kept between steps, per camera: the last step's projected records that densification reads (2D mean
+  and its gradient, radius, depth, conic, opacity) and its tile plan (intersection keys and record
+  indices), KEPT_PER_CAMERA;
+- transient buffers: the largest extra of the step's three phases over the terms above, measured on the
+  CPU (benchmarks/stepbench.py, one member, MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the
+  resident set; tests/test_capacity.py checks the prediction against measured peaks):
+  * forward: the previous step's kept records still live, the model's [N, K, 3] SH colour tensor
+    (torch.cat of features_dc and features_rest, 12K B) and FORWARD_REST_PER_CAMERA (projection,
+    tile plan, records read), before any gradient exists;
+  * backward: the SH colours and their gradient (24K B) and BACKWARD_REST_PER_CAMERA (record
+    gradients, float64 partial sums, per-field reduction buffers), plus the rasterizer's backward
+    scratch per thread, BACKWARD_SCRATCH_PER_THREAD (measured 0: the peak at 1 and at 2 threads is
+    the same), before the parameter gradients exist;
+  * optimizer: torch's single-tensor Adam makes two temporaries the size of the largest parameter
+    (sqrt of the second moment and its quotient: 2 x 12 (K - 1) B); `fused_adam` (one kernel) makes none;
 - per image pixel (member 0, which assembles the image): rendered colours and alphas, the ground
   truth, and the float64 banded L1 + SSIM with its gradient, as far as they are live at the peak
-  (PER_PIXEL, measured the same way).
+  (PER_PIXEL).
 
 The prediction is of live tensor bytes: glibc's default malloc keeps freed memory in its heaps, so an
 ordinary process's peak resident memory is higher (up to about 35% on the CPU, see benchmarks/run.py).
@@ -30,18 +40,21 @@ from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 FLOAT = 4
-RECORD_FORWARD = 11 * FLOAT
-RECORD_GRADIENT = 11 * FLOAT
 STATS = 3 * FLOAT
-TRANSIENT_REST_PER_GAUSSIAN = 0
-"""Bytes per Gaussian the step holds at its peak beyond the named terms, per camera. The peak resident
-memory of one step on cpu:4 at 256x192 (benchmarks/stepbench.py, with MALLOC_MMAP_THRESHOLD_=65536 so
-that freed tensors leave the resident set) grows by 1455 B per Gaussian between 100k and 400k Gaussians
-at SH degree 3; the named terms give 1460 B (the records assume every Gaussian visible), so no remainder
-is added. tests/test_capacity.py checks the prediction at two other sizes."""
+KEPT_PER_CAMERA = 102
+"""Bytes per Gaussian per camera live between steps beyond parameters, gradients, moments and statistics:
+measured after a step (1058 - 956 B at SH 3, 256x192, about 1.9 tile intersections per Gaussian)."""
+FORWARD_REST_PER_CAMERA = 134
+"""The forward's peak beyond the named forward terms (measured 1246 B at SH 3, 100k and 300k)."""
+BACKWARD_REST_PER_CAMERA = 133
+"""The backward's peak beyond the named backward terms (measured 1337 B at SH 3, 100k and 300k)."""
+BACKWARD_SCRATCH_PER_THREAD = 0
+"""Rasterizer backward scratch per thread and camera (B per Gaussian): the peak of the backward measured
+at 1 and at 2 threads differs by under 5 B (1334 and 1339), so the kernels' sums do not grow with the
+thread count. Kept as a term so a kernel that changes it changes the plan."""
 PER_PIXEL = 35
-"""Bytes per image pixel at the peak (member 0): the intercept of the same fit (1.7 MB) over 256x192
-pixels; most image and loss buffers are freed before the backward pass reaches its peak."""
+"""Bytes per image pixel at the peak (member 0): most image and loss buffers are freed before the
+step reaches its peak."""
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -50,17 +63,34 @@ def floats_per_gaussian(sh_degree: int) -> int:
     return 3 + 3 + 4 + 1 + 3 * (sh_degree + 1) ** 2
 
 
-def bytes_per_gaussian(sh_degree: int = 3, batch: int = 1) -> Dict[str, int]:
-    """Bytes per Gaussian by component (see the module doc)."""
+def phase_bytes(sh_degree: int = 3, batch: int = 1, threads: int = 1, fused_adam: bool = False) -> Dict[str, int]:
+    """Bytes per Gaussian at the peak of each phase of a step (see the module doc)."""
     f = floats_per_gaussian(sh_degree) * FLOAT
+    k = (sh_degree + 1) ** 2
+    state = 3 * f + STATS  # parameters and Adam's moments, statistics: live in every phase
+    kept = batch * KEPT_PER_CAMERA
     return {
-        "parameters": f,
-        "gradients": f,
-        "Adam moments": 2 * f,
-        "densification statistics": STATS,
-        "projected records": batch * (RECORD_FORWARD + RECORD_GRADIENT),
-        "transient buffers": 2 * 3 * FLOAT * (sh_degree + 1) ** 2 + 32 + batch * TRANSIENT_REST_PER_GAUSSIAN,
+        "forward": state + 2 * kept + 3 * FLOAT * k + batch * FORWARD_REST_PER_CAMERA,
+        "backward": state + kept + 2 * 3 * FLOAT * k + batch * (BACKWARD_REST_PER_CAMERA + threads * BACKWARD_SCRATCH_PER_THREAD),
+        "optimizer": state + f + kept + (0 if fused_adam else 2 * 3 * FLOAT * (k - 1)),
     }
+
+
+def bytes_per_gaussian(sh_degree: int = 3, batch: int = 1, threads: int = 1, fused_adam: bool = False) -> Dict[str, int]:
+    """Bytes per Gaussian by component at the step's peak (see the module doc): the transient term is the
+    largest phase's extra over the components live throughout."""
+    f = floats_per_gaussian(sh_degree) * FLOAT
+    kept = batch * KEPT_PER_CAMERA
+    fixed = {"parameters": f, "gradients": f, "Adam moments": 2 * f, "densification statistics": STATS,
+             "kept between steps (records, tile plan)": kept}
+    fixed["transient buffers"] = max(phase_bytes(sh_degree, batch, threads, fused_adam).values()) - sum(fixed.values())
+    return fixed
+
+
+def peak_phase(sh_degree: int = 3, batch: int = 1, threads: int = 1, fused_adam: bool = False) -> str:
+    """The phase whose peak is the step's peak."""
+    phases = phase_bytes(sh_degree, batch, threads, fused_adam)
+    return max(phases, key=phases.get)
 
 
 def arithmetic_minimum(sh_degree: int = 3) -> int:
@@ -110,10 +140,12 @@ class Plan:
         return all(need <= cap for need, (_, cap) in zip(self.per_member, self.members))
 
 
-def plan(gaussians: int, sh_degree: int = 3, width: int = 1920, height: int = 1080, batch: int = 1, members: str = "1x24GiB") -> Plan:
-    """The memory of one training step with `gaussians` rows striped evenly over `members`."""
+def plan(gaussians: int, sh_degree: int = 3, width: int = 1920, height: int = 1080, batch: int = 1, members: str = "1x24GiB",
+         threads: int = 1, fused_adam: bool = False) -> Plan:
+    """The memory of one training step with `gaussians` rows striped evenly over `members` (`threads`:
+    CPU threads per process, for the thread-dependent terms)."""
     parsed = parse_members(members)
-    per_gaussian = bytes_per_gaussian(sh_degree, batch)
+    per_gaussian = bytes_per_gaussian(sh_degree, batch, threads, fused_adam)
     per_image = PER_PIXEL * width * height * batch
     n = len(parsed)
     rows = [gaussians // n + (1 if d < gaussians % n else 0) for d in range(n)]
@@ -121,9 +153,11 @@ def plan(gaussians: int, sh_degree: int = 3, width: int = 1920, height: int = 10
     return Plan(gaussians, sh_degree, width, height, batch, per_gaussian, per_image, parsed, per_member)
 
 
-def predicted_peak(gaussians: int, sh_degree: int = 3, width: int = 256, height: int = 192, batch: int = 1) -> float:
+def predicted_peak(gaussians: int, sh_degree: int = 3, width: int = 256, height: int = 192, batch: int = 1, threads: int = 1,
+                   fused_adam: bool = False) -> float:
     """Predicted peak memory of one step on one machine (all members together), in bytes."""
-    return gaussians * sum(bytes_per_gaussian(sh_degree, batch).values()) + PER_PIXEL * width * height * batch
+    per = sum(bytes_per_gaussian(sh_degree, batch, threads, fused_adam).values())
+    return gaussians * per + PER_PIXEL * width * height * batch
 
 
 def human(nbytes: float) -> str:
@@ -176,9 +210,11 @@ def main(argv: List[str] | None = None) -> Plan:
     parser.add_argument("--image", default="1920x1080", help="WIDTHxHEIGHT of the training images")
     parser.add_argument("--batch", type=int, default=1, help="cameras per step")
     parser.add_argument("--members", default="1x24GiB", help="e.g. 8x141GB, cpu:4x6GB, 2x80GB,1x512GB")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (thread-dependent terms)")
+    parser.add_argument("--fused-adam", action="store_true", help="the optimizer is torch's fused Adam")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.image.lower().split("x"))
-    p = plan(int(args.gaussians), args.sh_degree, width, height, args.batch, args.members)
+    p = plan(int(args.gaussians), args.sh_degree, width, height, args.batch, args.members, args.threads, args.fused_adam)
     show(p)
     return p
 

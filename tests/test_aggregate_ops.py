@@ -12,6 +12,7 @@ from ms_splatfacto.backend.aggregate import (
     aggregate,
     fallback_counts,
     is_aggregate,
+    parameter,
     per_member_execution,
     reset_fallback_counts,
     to_plain,
@@ -205,3 +206,22 @@ def test_in_place_and_row_writes(spec: str, n: int, mode: str):
         fn(az, aggregate(y0, spec))
         assert is_aggregate(az)
         assert_same(az, z, name != "index accumulate" and name != "index_add_", name)
+
+
+@pytest.mark.parametrize("devices", ["cpu:1", "cpu:4"])
+def test_fused_adam_runs_row_local_and_matches_a_plain_tensor(devices):
+    """torch's fused Adam (no [N, ...] temporaries, see ms_splatfacto/capacity.py) on aggregate parameters:
+    no fallback, the same bits as on an ordinary tensor."""
+    torch.manual_seed(0)
+    x, g = torch.randn(1001, 15, 3), torch.randn(1001, 15, 3)
+    results = []
+    for make in (lambda t, grad=True: t.clone().requires_grad_(grad), lambda t, grad=True: parameter(t.clone(), devices, grad)):
+        p = torch.nn.Parameter(make(x))
+        optimizer = torch.optim.Adam([p], lr=1e-2, eps=1e-15, fused=True)
+        reset_fallback_counts()
+        for i in range(3):
+            p.grad = make(g * (i + 1), False)
+            optimizer.step()
+        assert fallback_counts() == {}
+        results.append(to_plain(p.detach()))
+    assert torch.equal(results[0], results[1])

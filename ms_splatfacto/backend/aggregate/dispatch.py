@@ -59,7 +59,7 @@ def register_family(name: str, rule: Rule) -> None:
 def rule_for(func) -> Optional[Rule]:
     """The registered rule, else the family rule the op's tags or name imply (cached), else None."""
     if func not in _RULES:
-        if func.name().startswith("aten::_foreach_"):
+        if func.name().startswith(("aten::_foreach_", "aten::_fused_adam")):  # fused Adam(W): a multi-tensor update
             _RULES[func] = _FAMILY_RULES["foreach"]
         elif torch.Tag.pointwise in func.tags:
             _RULES[func] = _FAMILY_RULES["pointwise"]
