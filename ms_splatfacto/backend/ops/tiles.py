@@ -251,11 +251,26 @@ def _sort_routed(
         ids, order = torch.sort(ids, stable=True)  # sources arrive in global row order: stable = one device's order
         records = records[order]
         del order
-    unique, flatten_ids = torch.unique(records, return_inverse=True)
+    sent = [s for s, p in enumerate(routed) if p.shape[0]]
+    span = (layout.bounds[sent[0]] * C, layout.bounds[sent[-1] + 1] * C) if sent else (0, 0)
+    unique, flatten_ids = _unique_in_span(records, *span)
     del records
     offsets = kernels.isect_offset_encode(ids - (cam_lo << (32 + tile_bits)), cam_hi - cam_lo + 1, tile_width, tile_height)
     firsts = torch.tensor([b * C for b in layout.bounds], dtype=unique.dtype, device=unique.device)
     return _SortedRoutes(cam_lo, cam_hi, ids, offsets, flatten_ids.int(), unique, torch.searchsorted(unique, firsts))
+
+
+def _unique_in_span(values: Tensor, lo: int, hi: int) -> Tuple[Tensor, Tensor]:  # values: [M] int64 in [lo, hi)
+    """`torch.unique(values, return_inverse=True)` by marking a [hi - lo] table instead of sorting: the
+    records a member reads lie in its sources' rows, known on the host, and a mark, a prefix sum and
+    two gathers cost less than sorting M intersections (the same result, bit for bit)."""
+    present = torch.zeros(hi - lo, dtype=torch.bool, device=values.device)
+    local = values - lo
+    present[local] = True
+    unique = present.nonzero().squeeze(1) + lo
+    rank = torch.cumsum(present, 0) - 1
+    del present
+    return unique, rank[local]
 
 
 def _member_tiles(
@@ -474,17 +489,19 @@ def _reduce_scatter(
         send[r] = pieces
     got = exchange.all_to_all(m, send, kind="reduce_scatter")
     builders = [LocalRows(layout) for _ in widths]
+    own = {s: next((src for src in plan.work[s].sources if src.source == s), None) if plan.work[s] is not None else None
+           for s in m.local}  # each local owner's reads of its own records
+    senders = {s: [r for r in range(len(m)) if r == s or got[s][r].shape[0]] for s in m.local}
     for i, (w, builder) in enumerate(zip(widths, builders)):
         column = sum(widths[:i])
         for s in m.local:  # local owners
             buffer = torch.zeros((layout.counts[s] * C, w), dtype=wide, device=m.devices[s])
-            for r in range(len(m)):
+            for r in senders[s]:  # in member order
                 if r == s:
-                    own = next((src for src in plan.work[s].sources if src.source == s), None) if plan.work[s] is not None else None
-                    g = partials.get(s, [None] * len(widths))[i]
-                    if own is not None and g is not None:
-                        buffer.index_add_(0, plan.serve[s][s].to(buffer.device), g.reshape(-1, w)[own.start : own.stop].to(wide))
-                elif got[s][r].shape[0]:
+                    g = partials[s][i] if s in partials else None
+                    if own[s] is not None and g is not None:
+                        buffer.index_add_(0, plan.serve[s][s].to(buffer.device), g.reshape(-1, w)[own[s].start : own[s].stop].to(wide))
+                else:
                     buffer.index_add_(0, plan.serve[s][r].to(buffer.device), got[s][r][:, column : column + w].to(buffer.device))
             builder.put(s, buffer.view(layout.counts[s], *row_shapes[i]).to(dtype))
             del buffer
