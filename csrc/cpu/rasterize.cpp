@@ -421,6 +421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_to_pixels_fwd(
 
 namespace {
 
+constexpr int64_t kBatchTiles = 64;  // tiles whose gradient rows the backward holds at once
+
 // Per-Gaussian gradient row layout in the accumulation buffers.
 struct GradLayout {
   int64_t D, mean = 0, conic = 2, opacity = 5, color = 6, abs, width;
@@ -438,11 +440,13 @@ struct GradLayout {
 //
 // The sweep records hits Gaussian by Gaussian; walking the Gaussians back to front (each one's
 // pixels in order) keeps every pixel back to front and adds each Gaussian's pixels in pixel order.
-// Per-Gaussian sums, independent of threads and of how tiles are split among members: each tile
-// writes its rows (in scalar_t) into `grads`, one row per intersection [M, K], and each Gaussian's
-// float64 sum then adds its rows in intersection order, i.e. tile order, whatever thread ran them.
-// The scratch is O(M K) for any thread count; the background gradient is summed per tile in
-// float64, then over tiles in order.
+// Per-Gaussian sums, independent of threads and of how tiles are split among members: tiles go in
+// batches of kBatchTiles (a constant, not the thread count); each tile of a batch writes its rows
+// (in scalar_t) into the batch's `grads`, one row per intersection, and after the batch each
+// Gaussian's float64 sum adds its rows in intersection order, i.e. tile order, whatever thread ran
+// them (each thread owns a range of Gaussians). So the scratch is one batch's rows, whatever the
+// thread count, and the sums equal a one-thread walk bit for bit. The background gradient is summed
+// per tile in float64, then over tiles in order.
 template <typename scalar_t>
 void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, int64_t tile_size,
                         const at::Tensor& last_ids, const at::Tensor& v_colors_out, const at::Tensor& v_alphas_out,
@@ -459,8 +463,13 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
   const scalar_t* va = v_alphas_out.data_ptr<scalar_t>();
   const scalar_t alpha_max = static_cast<scalar_t>(kAlphaMax);
 
-  at::Tensor grads = at::zeros({M, K}, in.colors.options());  // one row per intersection (rows past a tile's
-                                                              // last composited one stay zero)
+  const auto position = [&](int64_t t) -> int64_t { return t < n_total ? offsets[t] : M; };
+  int64_t batch_rows = 0;
+  for (int64_t b = 0; b < n_total; b += kBatchTiles)
+    batch_rows = std::max<int64_t>(batch_rows, position(std::min(b + kBatchTiles, n_total)) - position(b));
+  at::Tensor grads = at::empty({batch_rows, K}, in.colors.options());  // one row per intersection of a batch
+  double* out = sums.data_ptr<double>();
+  std::fill(out, out + CN * K, 0.0);
   at::Tensor tile_bg = at::zeros({n_total, D}, in.colors.options().dtype(at::kDouble));
   scalar_t* grads_p = grads.data_ptr<scalar_t>();
   double* tile_bg_p = tile_bg.data_ptr<double>();
@@ -472,99 +481,98 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
     std::vector<int64_t> seg;
     std::vector<scalar_t> v_c, v_a, bg_dot, B;
     int64_t counts[4] = {0, 0, 0, 0};
+    const int64_t n_threads = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t g_lo = CN * tid / n_threads, g_hi = CN * (tid + 1) / n_threads;  // this thread's sums
+    for (int64_t b0 = 0; b0 < n_total; b0 += kBatchTiles) {
+      const int64_t b1 = std::min(b0 + kBatchTiles, n_total), p0 = position(b0), p1 = std::max(position(b1), p0);
 #pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < n_total; ++t) {
-      const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
-      const int64_t cam = w.cam, start = w.start, end = w.end;
-      if (w.empty()) continue;
-      s.reset(w, D);
-      // Re-run the forward sweep up to each pixel's last composited row, recording the hits.
-      s.limit.assign(s.n, 0);
-      v_c.assign(s.n * D, scalar_t(0));
-      v_a.assign(s.n, scalar_t(0));
-      bg_dot.assign(s.n, scalar_t(0));
-      B.assign(s.n, scalar_t(1));
-      int64_t len = 0;
-      for (int64_t y = w.y0; y < w.y1; ++y) {
-        for (int64_t x = w.x0; x < w.x1; ++x) {
-          const int64_t p = (y - w.y0) * s.pw + (x - w.x0), pix = (cam * height + y) * width + x;
-          const int64_t last = last_p[pix];
-          s.limit[p] = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(last + 1, start), end) - start);
-          len = std::max<int64_t>(len, s.limit[p]);
-          for (int64_t d = 0; d < D; ++d) {
-            v_c[p * D + d] = vc[pix * D + d];
-            if (bg) bg_dot[p] += bg[cam * D + d] * v_c[p * D + d];
-          }
-          v_a[p] = va[pix];
-        }
-      }
-      gather_tile(in, start, len, s.rows);
-      sweep_tile<scalar_t, true>(s, stride, len, D, w, &hits, &seg, counts);
-      double* tbg = tile_bg_p + t * D;
-      for (int64_t y = w.y0; y < w.y1; ++y)
-        for (int64_t x = w.x0; x < w.x1; ++x) {
-          const int64_t p = (y - w.y0) * s.pw + (x - w.x0);
-          for (int64_t d = 0; d < D; ++d) tbg[d] += double(s.T[p] * v_c[p * D + d]);
-        }
-      // Back to front over Gaussians; S (in s.acc, [n][D] here) and B per pixel.
-      scalar_t* S = s.acc.data();
-      scalar_t* tile_grad = grads_p + start * K;
-      for (int64_t k = len - 1; k >= 0; --k) {
-        const scalar_t* r = &s.rows[k * stride];
-        scalar_t* gr = &tile_grad[k * K];
-        for (int64_t i = seg[k]; i < seg[k + 1]; ++i) {
-          const Hit<scalar_t>& h = hits[i];
-          const int64_t p = h.p;
-          scalar_t* Sp = &S[p * D];
-          const scalar_t* vcp = &v_c[p * D];
-          const scalar_t w8 = h.alpha * h.T;
-          scalar_t v_alpha_c = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            gr[L.color + d] += w8 * vcp[d];
-            v_alpha_c += (r[kRowHead + d] - Sp[d]) * vcp[d];
-          }
-          const scalar_t v_alpha = h.T * (v_alpha_c - B[p] * bg_dot[p] + B[p] * v_a[p]);
-          const scalar_t raw_alpha = r[5] * h.vis;
-          if (raw_alpha <= alpha_max) {
-            const scalar_t v_sigma = -raw_alpha * v_alpha;
-            const scalar_t dx = h.dx, dy = h.dy;
-            gr[L.conic] += scalar_t(0.5) * v_sigma * dx * dx;
-            gr[L.conic + 1] += v_sigma * dx * dy;
-            gr[L.conic + 2] += scalar_t(0.5) * v_sigma * dy * dy;
-            const scalar_t gx = v_sigma * (r[2] * dx + r[3] * dy);
-            const scalar_t gy = v_sigma * (r[3] * dx + r[4] * dy);
-            gr[L.mean] += gx;
-            gr[L.mean + 1] += gy;
-            if (absgrad) {
-              gr[L.abs] += std::abs(gx);
-              gr[L.abs + 1] += std::abs(gy);
+      for (int64_t t = b0; t < b1; ++t) {
+        const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
+        const int64_t cam = w.cam, start = std::max(w.start, p0), end = std::min(w.end, p1);
+        if (end > start) std::fill(grads_p + (start - p0) * K, grads_p + (end - p0) * K, scalar_t(0));
+        if (w.empty() || w.start < p0 || w.end > p1) continue;  // (offsets from isect_offset_encode are sorted)
+        s.reset(w, D);
+        // Re-run the forward sweep up to each pixel's last composited row, recording the hits.
+        s.limit.assign(s.n, 0);
+        v_c.assign(s.n * D, scalar_t(0));
+        v_a.assign(s.n, scalar_t(0));
+        bg_dot.assign(s.n, scalar_t(0));
+        B.assign(s.n, scalar_t(1));
+        int64_t len = 0;
+        for (int64_t y = w.y0; y < w.y1; ++y) {
+          for (int64_t x = w.x0; x < w.x1; ++x) {
+            const int64_t p = (y - w.y0) * s.pw + (x - w.x0), pix = (cam * height + y) * width + x;
+            const int64_t last = last_p[pix];
+            s.limit[p] = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(last + 1, start), end) - start);
+            len = std::max<int64_t>(len, s.limit[p]);
+            for (int64_t d = 0; d < D; ++d) {
+              v_c[p * D + d] = vc[pix * D + d];
+              if (bg) bg_dot[p] += bg[cam * D + d] * v_c[p * D + d];
             }
-            gr[L.opacity] += h.vis * v_alpha;
+            v_a[p] = va[pix];
           }
-          const scalar_t one_minus = scalar_t(1) - h.alpha;
-          for (int64_t d = 0; d < D; ++d) Sp[d] = r[kRowHead + d] * h.alpha + one_minus * Sp[d];
-          B[p] *= one_minus;
+        }
+        gather_tile(in, start, len, s.rows);
+        sweep_tile<scalar_t, true>(s, stride, len, D, w, &hits, &seg, counts);
+        double* tbg = tile_bg_p + t * D;
+        for (int64_t y = w.y0; y < w.y1; ++y)
+          for (int64_t x = w.x0; x < w.x1; ++x) {
+            const int64_t p = (y - w.y0) * s.pw + (x - w.x0);
+            for (int64_t d = 0; d < D; ++d) tbg[d] += double(s.T[p] * v_c[p * D + d]);
+          }
+        // Back to front over Gaussians; S (in s.acc, [n][D] here) and B per pixel.
+        scalar_t* S = s.acc.data();
+        scalar_t* tile_grad = grads_p + (start - p0) * K;
+        for (int64_t k = len - 1; k >= 0; --k) {
+          const scalar_t* r = &s.rows[k * stride];
+          scalar_t* gr = &tile_grad[k * K];
+          for (int64_t i = seg[k]; i < seg[k + 1]; ++i) {
+            const Hit<scalar_t>& h = hits[i];
+            const int64_t p = h.p;
+            scalar_t* Sp = &S[p * D];
+            const scalar_t* vcp = &v_c[p * D];
+            const scalar_t w8 = h.alpha * h.T;
+            scalar_t v_alpha_c = 0;
+            for (int64_t d = 0; d < D; ++d) {
+              gr[L.color + d] += w8 * vcp[d];
+              v_alpha_c += (r[kRowHead + d] - Sp[d]) * vcp[d];
+            }
+            const scalar_t v_alpha = h.T * (v_alpha_c - B[p] * bg_dot[p] + B[p] * v_a[p]);
+            const scalar_t raw_alpha = r[5] * h.vis;
+            if (raw_alpha <= alpha_max) {
+              const scalar_t v_sigma = -raw_alpha * v_alpha;
+              const scalar_t dx = h.dx, dy = h.dy;
+              gr[L.conic] += scalar_t(0.5) * v_sigma * dx * dx;
+              gr[L.conic + 1] += v_sigma * dx * dy;
+              gr[L.conic + 2] += scalar_t(0.5) * v_sigma * dy * dy;
+              const scalar_t gx = v_sigma * (r[2] * dx + r[3] * dy);
+              const scalar_t gy = v_sigma * (r[3] * dx + r[4] * dy);
+              gr[L.mean] += gx;
+              gr[L.mean + 1] += gy;
+              if (absgrad) {
+                gr[L.abs] += std::abs(gx);
+                gr[L.abs + 1] += std::abs(gy);
+              }
+              gr[L.opacity] += h.vis * v_alpha;
+            }
+            const scalar_t one_minus = scalar_t(1) - h.alpha;
+            for (int64_t d = 0; d < D; ++d) Sp[d] = r[kRowHead + d] * h.alpha + one_minus * Sp[d];
+            B[p] *= one_minus;
+          }
         }
       }
+      // (the omp for's barrier: every row of the batch is written) Each thread adds the rows of its
+      // own Gaussians in intersection order; the barrier keeps the next batch from overwriting them.
+      for (int64_t i = p0; i < p1; ++i) {
+        const int64_t g = flat[i];
+        if (g < g_lo || g >= g_hi) continue;
+        double* dst = out + g * K;
+        const scalar_t* src = grads_p + (i - p0) * K;
+        for (int64_t j = 0; j < K; ++j) dst[j] += src[j];
+      }
+#pragma omp barrier
     }
     for (int i = 2; i < 4; ++i) g_counts[i] += counts[i];
-  }
-
-  // Each Gaussian's float64 sum over its intersections in order; a thread owns a range of Gaussians
-  // and scans all flat ids for them (no inverse index, nothing per thread but the range).
-  double* out = sums.data_ptr<double>();
-  std::fill(out, out + CN * K, 0.0);
-#pragma omp parallel
-  {
-    const int64_t n_threads = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t lo = CN * tid / n_threads, hi = CN * (tid + 1) / n_threads;
-    for (int64_t i = 0; i < M; ++i) {
-      const int64_t g = flat[i];
-      if (g < lo || g >= hi) continue;
-      double* dst = out + g * K;
-      const scalar_t* src = grads_p + i * K;
-      for (int64_t j = 0; j < K; ++j) dst[j] += src[j];
-    }
   }
   scalar_t* v_bg = v_backgrounds.data_ptr<scalar_t>();
   for (int64_t cam = 0; cam < C; ++cam)
