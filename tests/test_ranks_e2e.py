@@ -117,4 +117,5 @@ def test_resume_across_rank_counts_is_bit_identical(request, source: str, nproc:
     else:
         resumed = ranks_train(tmp_path, lund_tiny, STEPS - RESUME - 1, nproc, *resume)
     assert sorted(p.name for p in resumed.iterdir()) == [ckpt(resumed, s).name for s in (2 * RESUME, STEPS - 1)]
+    assert read_layout(ckpt(resumed, STEPS - 1))["members"] == nproc  # written by the ranks that resumed
     assert_same(state(ckpt(resumed, STEPS - 1)), state(ckpt(one_process, STEPS - 1)))
