@@ -102,7 +102,7 @@ def plot(result: Dict[str, object], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.set_title(f"{n:,} Gaussians")
         ax.set_ylabel("step time (ms): median, min-max")
-    fig.suptitle(f"Training step by member count ({result['threads']} thread(s), {result['rounds']} interleaved rounds)")
+    fig.suptitle(f"Training step by member count\n{result['threads']} thread(s), {result['rounds']} interleaved rounds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -110,6 +110,7 @@ def plot(result: Dict[str, object], path: Path) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot of --out")
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 1_000_000])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=7)
@@ -120,6 +121,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     if any(n <= 0 for n in args.sizes) or any(m <= 0 for m in args.members) or args.rounds < 1 or args.steps < 1:
         parser.error("sizes, members, rounds and steps must be positive")
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return {}
     sys.path.insert(0, str(REPO))
     from ms_splatfacto.backend.threads import available_cores
 
