@@ -21,7 +21,8 @@ from ms_splatfacto.backend.aggregate.members import members as members_of
 from ms_splatfacto.backend.kernels import get_kernels, kernels_for
 from ms_splatfacto.backend.rendering import RenderMode, backgrounds_for, expected_depth
 from ms_splatfacto.backend.ops.per_member import per_member
-from ms_splatfacto.backend.ops.tiles import plan_tiles, tile_rasterize
+from ms_splatfacto.backend.ops.tile_raster import tile_rasterize
+from ms_splatfacto.backend.ops.tiles import plan_tiles
 
 def _on_aggregate(t: Tensor, spec) -> Tensor:
     return t if is_aggregate(t) else aggregate(t, spec, persistent=False)  # an ordinary input: this call's only
