@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 
 import tyro
@@ -13,7 +14,7 @@ from nerfstudio.plugins.types import MethodSpecification
 from ms_splatfacto.dataparsers import AutoDataParserConfig
 from ms_splatfacto.datamanager import MsDatamanagerConfig
 from ms_splatfacto.model import MsSplatfactoModelConfig
-from ms_splatfacto.trainer import MsTrainerConfig
+from ms_splatfacto.trainer import MsTrainerConfig, restart_with_passive_waits
 
 DataParsers = tyro.conf.OmitSubcommandPrefixes[
     tyro.extras.subcommand_type_from_defaults(
@@ -51,3 +52,5 @@ ms_splatfacto = MethodSpecification(
     config=ms_splatfacto_trainer_config(),
     description="Splatfacto on an aggregate device: several GPUs as one (or the CPU).",
 )
+
+restart_with_passive_waits(sys.argv)  # `ns-train ms-splatfacto` only: see there

@@ -10,10 +10,12 @@ checkpoint metadata, and the ranks refuse to start when they disagree on data, m
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Tuple, Type
+from typing import List, Literal, Optional, Tuple, Type
 
 import torch
 from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerConfig
@@ -22,7 +24,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from ms_splatfacto import launch
 from ms_splatfacto.backend import DeviceSpecError, parse_devices
 from ms_splatfacto.backend.aggregate import world
-from ms_splatfacto.backend.threads import available_cores, configure_threads, wait_policy_note
+from ms_splatfacto.backend.threads import available_cores, choose_threads, configure_threads, wait_policy_note
 from ms_splatfacto.checkpoints import (
     checkpoint_path,
     checkpoint_state,
@@ -72,6 +74,26 @@ class MsTrainerConfig(TrainerConfig):
     def save_config(self) -> None:
         if world.rank() == 0:
             super().save_config()
+
+
+def restart_with_passive_waits(argv: List[str]) -> None:
+    """Start `ns-train ms-splatfacto` again, the same command, with OMP_WAIT_POLICY=PASSIVE where torch
+    started the OpenMP runtime before the package could set it and more than one thread may run: spinning
+    threads made a step with a competing job on the machine 3.9x slower instead of 2x
+    (benchmarks/under_load.py). Called while nerfstudio discovers the method, before anything is written
+    or any rank joins the others (under torchrun each rank restarts in place, keeping its process and
+    environment); never in a Python session, a test, or another command."""
+    import ms_splatfacto
+
+    if ms_splatfacto.WAIT_POLICY_APPLIED or Path(argv[0]).name != "ns-train" or argv[1:2] != ["ms-splatfacto"]:
+        return
+    requested = argv[argv.index("--cpu-threads") + 1] if "--cpu-threads" in argv[:-1] else None
+    if choose_threads(available_cores(), os.environ, int(requested) if requested and requested.isdigit() and requested != "0" else None) <= 1:
+        return
+    print("ms-splatfacto: restarting with OMP_WAIT_POLICY=PASSIVE, so OpenMP threads sleep rather than spin while they "
+          "wait (set OMP_WAIT_POLICY yourself to skip this)", flush=True)
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *argv], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
 
 
 class MsTrainer(Trainer):

@@ -80,3 +80,19 @@ def test_an_explicit_wait_policy_is_kept():
 def test_a_runtime_started_before_the_package_gets_a_hint():
     """As under ns-train, which imports torch first: too late to set; several threads get the one-line hint."""
     assert _policy_in_child("import torch; " + CHILD) == ["PASSIVE", "False", "True", "True"]
+
+
+def test_ns_train_restarts_once_with_passive_waits_where_several_threads_would_spin():
+    """`ns-train ms-splatfacto` loads torch before the package: it restarts itself (the same command) with
+    OMP_WAIT_POLICY=PASSIVE, once, unless one thread runs (or the user set the policy)."""
+    import subprocess
+
+    from tests.conftest import BIN
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    for extra, restarts in (((), available_cores() > 1), (("--cpu-threads", "1"), False)):
+        out = subprocess.run([str(BIN / "ns-train"), "ms-splatfacto", *extra, "--help"], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.count("usage: ") == 1, out.stdout[:2000]
+        assert out.stdout.count("restarting with OMP_WAIT_POLICY=PASSIVE") == int(restarts), out.stdout[:2000]
