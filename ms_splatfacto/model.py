@@ -41,6 +41,7 @@ from ms_splatfacto.backend.aggregate import Members, is_aggregate, members, para
 from ms_splatfacto.backend.ops.loss import accumulation_dtype, band_rows, banded_l1_ssim, split_l1_ssim
 from ms_splatfacto.backend.ops.render import rasterization
 from ms_splatfacto.backend.ops.row_inputs import RowBands, read_bands, split_squared_error
+from ms_splatfacto.image_rows import TensorRows
 from ms_splatfacto.observability import member_callbacks
 from ms_splatfacto.strategy import MsStrategy
 
@@ -216,8 +217,9 @@ class MsSplatfactoModel(SplatfactoModel):
         return {k: v for k, v in metrics.items() if not k.endswith("lpips")}, images
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
-        """Render one camera ([H, W, ...] outputs) or a training batch of B cameras sharing one image
-        size ([B, H, W, ...]): RGB, expected depth (outside training) and accumulation."""
+        """Render one camera ([H, W, ...] outputs) or a batch of B cameras sharing one image size ([B, H,
+        W, ...]): RGB, expected depth (outside training) and accumulation. In training (without the
+        bilateral grid) they are [B * H, W, ...] aggregates over the members' pixel rows instead."""
         if self.training:
             assert camera.shape[0] == 1 or not self.config.use_bilateral_grid, "the bilateral grid takes one camera per step"
             camera_to_world = self.camera_optimizer.apply_to_camera(camera)
@@ -248,7 +250,9 @@ class MsSplatfactoModel(SplatfactoModel):
         else:
             colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
 
-        split = self.training and Ks.shape[0] == 1  # a training image stays with the members that render it
+        # Training images stay with the members that render them ([C * H, W, ...] over pixel rows); the
+        # bilateral grid needs whole images.
+        split = self.training and not self.config.use_bilateral_grid
         render, alpha, self.info = rasterization(
             means=params["means"],
             quats=params["quats"],
@@ -280,7 +284,7 @@ class MsSplatfactoModel(SplatfactoModel):
             depth = torch.where(alpha > 0, depth, depth.detach().max())
         if not self.training:
             background = background.expand(height, width, 3)
-        if split:  # already [H, W, ...]: one camera's pixel rows, striped over the members
+        if split:  # already [C * H, W, ...]: the cameras' pixel rows, striped over the members
             return {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background}
         if rgb.shape[0] == 1:  # nerfstudio's single-camera contract: [H, W, ...]
             rgb, alpha, depth = rgb[0], alpha[0], None if depth is None else depth[0]
@@ -295,16 +299,24 @@ class MsSplatfactoModel(SplatfactoModel):
 
     def _gt_bands(self, outputs: Dict[str, Tensor], batch: Dict) -> Optional[RowBands]:
         """In split training, the ground truth as splatfacto prepares it, but as each member's band of rows
-        (its rendered rows and SSIM halo) read on the member from the batch's row source (`image_rows`);
-        read once per step (the metrics and the loss share it). None where the image is whole."""
-        pred, source = outputs["rgb"], batch.get("image_rows") if isinstance(batch, dict) else None
-        if source is None or not is_aggregate(pred):
+        (its rendered rows and SSIM halo) read on the member from the batch's row source (`image_rows`),
+        or, for a batch without one (a camera batch's stacked [B, H, W, 3] images), sliced from the
+        prepared images; read once per step (the metrics and the loss share it). None where the image is
+        whole."""
+        pred = outputs["rgb"]
+        if not is_aggregate(pred) or not isinstance(batch, dict):
             return None
+        source = batch.get("image_rows")
         background, scale = outputs["background"], self._get_downscale_factor()
-        key = (source, background, tuple(pred._layout.bounds), scale)
+        key = (source if source is not None else batch.get("image"), background, tuple(pred._layout.bounds), scale)
         cached = getattr(self, "_bands_cache", None)
-        if cached is not None and cached[0][0] is source and cached[0][1] is background and cached[0][2:] == key[2:]:
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] is background and cached[0][2:] == key[2:]:
             return cached[1]
+        if source is None:  # whole images on every rank: each member keeps its rows of each camera
+            images = self._gt_images(batch, background)  # [H, W, 3] or [B, H, W, 3]
+            bands = read_bands(pred, TensorRows(images.reshape(-1, *images.shape[-2:])), image_height=images.shape[-3])
+            self._bands_cache = (key, bands)
+            return bands
 
         def prepare(rows: Tensor) -> Tensor:  # splatfacto's get_gt_img, on the member's device
             rows = rows.float() / 255.0 if rows.dtype == torch.uint8 else rows
@@ -340,6 +352,7 @@ class MsSplatfactoModel(SplatfactoModel):
         pred_img, bands = outputs["rgb"], self._gt_bands(outputs, batch)
         gt_img = bands if bands is not None else self._gt_images(batch, outputs["background"])
         wide = accumulation_dtype(self.members.device, pred_img.dtype)  # float64 on the CPU: bit-equal members
+        image_height = self.last_size[0] if is_aggregate(pred_img) else None  # a camera batch's [C * H, W, 3]
         mask = None
         if "mask" in batch:
             masks = batch["mask"] if batch["mask"].dim() == 4 else batch["mask"][None]
@@ -351,11 +364,11 @@ class MsSplatfactoModel(SplatfactoModel):
                 gt_img = bands.map(lambda band: band.to(wide))
             else:
                 gt_img = bands.map(lambda band, mask: (band * mask).to(wide), rowed={"mask": mask})
-            main = split_l1_ssim(pred_img.to(wide), gt_img, self.config.ssim_lambda)
+            main = split_l1_ssim(pred_img.to(wide), gt_img, self.config.ssim_lambda, image_height)
         else:
             gt_img = gt_img if mask is None else gt_img * mask
             if is_aggregate(pred_img):  # the members' own rows, with halo rows from the member below
-                main = split_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda)
+                main = split_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda, image_height)
             else:
                 bands_rows = band_rows(pred_img.shape[-3], len(self.members), self.config.tile_size)
                 main = banded_l1_ssim(pred_img.to(wide), gt_img.to(wide), self.config.ssim_lambda, bands_rows)

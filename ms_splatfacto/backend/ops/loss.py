@@ -21,7 +21,7 @@ on every rank.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, wrap
 
 from ms_splatfacto.backend.aggregate.layout import even_bounds
-from ms_splatfacto.backend.ops.row_inputs import RowBands, gt_row_spans
+from ms_splatfacto.backend.ops.row_inputs import RowBands, gt_row_spans, ssim_span
 
 WIN_SIZE = 11
 WIN_SIGMA = 1.5
@@ -130,48 +130,60 @@ def banded_l1_ssim(
 
 
 def split_l1_ssim(
-    pred: AggregateTensor,  # [H, W, 3], rows striped over the members that rendered them
-    gt: Union[Tensor, RowBands],  # [H, W, 3] ordinary (each member reads its rows), or each member's band
+    pred: AggregateTensor,  # [C * H, W, 3], rows striped over the members that rendered them
+    gt: Union[Tensor, RowBands],  # [C * H, W, 3] ordinary (each member reads its rows), or each member's band
     ssim_lambda: float,
+    image_height: Optional[int] = None,  # H, when the rows are a camera batch's C stacked images
 ) -> Tensor:  # scalar, the same on every rank
     """`banded_l1_ssim` where the pixels are: each member's band is its rows of `pred`; it sums |gt -
     pred| over them and the SSIM map over the map rows starting in them, reading the 10 halo rows below
     from their owners through the exchange. Only the partial sums travel (to every rank); in backward
     each member hands the halo rows' gradients back to their owners. The ground truth is either whole
-    or already where it is needed (`RowBands` over `gt_row_spans`, from `row_inputs.read_bands`)."""
-    h, w = pred.shape[0], pred.shape[1]
+    or already where it is needed (`RowBands` over `gt_row_spans`, from `row_inputs.read_bands`).
+    For C stacked images no SSIM window crosses an image's end, and the result is the mean of the C
+    images' losses, as `banded_l1_ssim` gives for [C, H, W, 3]."""
+    rows_total, w = pred.shape[0], pred.shape[1]
+    h = rows_total if image_height is None else int(image_height)
     assert tuple(pred.shape) == tuple(gt.shape) and pred.dim() == 3 and pred.shape[-1] == 3, (
-        f"pred and gt must be [H, W, 3], got {tuple(pred.shape)}, {tuple(gt.shape)}"
+        f"pred and gt must be [C * H, W, 3], got {tuple(pred.shape)}, {tuple(gt.shape)}"
     )
+    assert h > 0 and w > 0 and rows_total % h == 0, f"images must not be empty, and {rows_total} rows must stack images of {h}, got {tuple(pred.shape)}"
     if isinstance(gt, RowBands):
-        assert gt.layout.bounds == pred._layout.bounds and gt.spans == gt_row_spans(gt.layout.bounds, h), (
+        assert gt.layout.bounds == pred._layout.bounds and gt.spans == gt_row_spans(gt.layout.bounds, rows_total, h), (
             f"the ground-truth bands must cover each member's rows and SSIM halo, got spans {gt.spans}"
         )
     assert pred.dtype == gt.dtype and pred.is_floating_point(), f"pred and gt must share a floating dtype, got {pred.dtype}, {gt.dtype}"
-    assert h > 0 and w > 0, f"images must not be empty, got {tuple(pred.shape)}"
+    n = rows_total // h
     rows, cols = h >= WIN_SIZE, w >= WIN_SIZE
     map_h, map_w = h - (WIN_SIZE - 1 if rows else 0), w - (WIN_SIZE - 1 if cols else 0)
-    l1_sum, ssim_sum = _SplitSums.apply(gt, rows, cols, map_h, pred)
-    l1 = l1_sum / (h * w * 3)
-    ssim = ssim_sum / (3 * map_h * map_w)
+    l1_sum, ssim_sum = _SplitSums.apply(gt, rows, cols, h, pred)
+    l1 = l1_sum / (n * h * w * 3)
+    ssim = ssim_sum / (n * 3 * map_h * map_w)
     return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim)
+
+
+def _image_pieces(lo: int, stop: int, image_height: int, halo: int) -> List[tuple]:
+    """[a, b) pieces of rows [lo, stop) cut at the images' ends that hold at least one SSIM window."""
+    pieces = []
+    for image in range(lo // image_height, (stop - 1) // image_height + 1 if stop > lo else lo // image_height):
+        a, b = max(lo, image * image_height), min(stop, (image + 1) * image_height)
+        if b - a > halo:
+            pieces.append((a, b))
+    return pieces
 
 
 class _SplitSums(torch.autograd.Function):
     """(sum of |gt - pred|, sum of the SSIM map), each the sum of the members' partials in member order."""
 
     @staticmethod
-    def forward(ctx, gt: Tensor, rows: bool, cols: bool, map_h: int, pred: AggregateTensor):
+    def forward(ctx, gt: Tensor, rows: bool, cols: bool, image_height: int, pred: AggregateTensor):
         layout = pred._layout
         m = layout.members
         halo = WIN_SIZE - 1 if rows else 0
         bands = layout.bounds
-        wanted = {}
+        wanted, starts = {}, [ssim_span(bands[d], bands[d + 1], image_height)[0] for d in range(len(m))]
         for r in m.local:  # the halo rows below the band, for the map rows starting in it
-            lo, hi = bands[r], bands[r + 1]
-            end = min(hi, map_h)
-            stop = min(end + halo, pred.shape[0]) if end > lo else hi
-            wanted[r] = (hi, max(hi, stop))
+            wanted[r] = (bands[r + 1], ssim_span(bands[r], bands[r + 1], image_height)[1])
         halos = exchange.request_row_ranges(m, wanted, layout, pred.chunks)
         win = gaussian_window(pred.dtype, m.device)
         ctx.graphs, ctx.layout, ctx.wanted = [], layout, wanted
@@ -186,16 +198,20 @@ class _SplitSums(torch.autograd.Function):
                 x = exchange.to_member(gt[lo : hi + below.shape[0]], r, layout)[None]
             with torch.enable_grad():
                 l1 = (x[:, : hi - lo] - own[None]).abs().sum() if hi > lo else own.sum() * 0
-                end = min(hi, map_h)
-                if end > lo:
+                if starts[r]:  # one SSIM map per image the rows cross: no window spans two images
                     y = torch.cat([own, below])[None]
-                    ssim = ssim_map(x.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), win.to(own.device), rows, cols).sum()
+                    pieces = _image_pieces(lo, hi + below.shape[0], image_height, halo)
+                    ssim = torch.stack([
+                        ssim_map(x[:, a - lo : b - lo].permute(0, 3, 1, 2), y[:, a - lo : b - lo].permute(0, 3, 1, 2),
+                                 win.to(own.device), rows, cols).sum()
+                        for a, b in pieces
+                    ]).sum()
                 else:
                     ssim = own.sum() * 0
             ctx.graphs.append((r, own, below, l1, ssim))
             l1_parts[r], ssim_parts[r] = l1.detach()[None], ssim.detach()[None]
         holders = [d for d in range(len(m)) if bands[d + 1] > bands[d]]
-        starts_map = [d for d in holders if min(bands[d + 1], map_h) > bands[d]]
+        starts_map = [d for d in holders if starts[d]]
         l1_all = exchange.replicate(m, {r: l1_parts[r][: int(r in holders)] for r in m.local},
                                     rows_per_member=[int(d in holders) for d in range(len(m))])
         ssim_all = exchange.replicate(m, {r: ssim_parts[r][: int(r in starts_map)] for r in m.local},

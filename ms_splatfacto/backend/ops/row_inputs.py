@@ -23,19 +23,30 @@ SSIM_HALO = 10
 """Rows below its band that a member's SSIM map rows read (an 11-row window)."""
 
 
-def gt_row_spans(bounds: Sequence[int], height: int) -> List[Tuple[int, int]]:
+def ssim_span(lo: int, hi: int, image_height: int) -> Tuple[bool, int]:
+    """(whether SSIM map rows start in rows [lo, hi) of a stack of images `image_height` rows tall, the
+    end of the rows they read). A map row starts on each image's rows but its last 10 (an 11-row window
+    never crosses into the next image), so the halo below a band stops at the image's end; an image
+    shorter than the window is not blurred along the rows (no halo)."""
+    halo = SSIM_HALO if image_height > SSIM_HALO else 0
+    map_h = image_height - halo
+    if hi <= lo:
+        return False, hi
+    image, row = divmod(hi - 1, image_height)
+    last = hi - 1 if row < map_h else image * image_height + map_h - 1  # the band's last map row
+    if last < lo:
+        return False, hi
+    return True, max(hi, last + halo + 1)
+
+
+def gt_row_spans(bounds: Sequence[int], height: int, image_height: Optional[int] = None) -> List[Tuple[int, int]]:
     """[lo, stop) of the ground-truth rows member d's loss reads: its rows [bounds[d], bounds[d+1]) and,
-    where SSIM map rows start in them, the halo rows below (none when the image is shorter than the
-    window, which then is not applied along the rows)."""
+    where SSIM map rows start in them, the halo rows below (`ssim_span`). The rows are one image of
+    `height` rows, or `height // image_height` images stacked (a camera batch's [C * H, W, 3])."""
+    image_height = height if image_height is None else image_height
     assert bounds[0] == 0 and bounds[-1] == height, f"bounds must run from 0 to {height}, got {list(bounds)}"
-    halo = SSIM_HALO if height > SSIM_HALO else 0
-    map_h = height - halo
-    spans = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        end = min(hi, map_h)
-        stop = min(end + halo, height) if end > lo else hi
-        spans.append((lo, max(hi, stop)))
-    return spans
+    assert image_height > 0 and height % image_height == 0, f"{height} rows are not a stack of images {image_height} rows tall"
+    return [(lo, ssim_span(lo, hi, image_height)[1]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 class RowBands:
@@ -75,16 +86,17 @@ class RowBands:
 
 
 def read_bands(
-    pred: AggregateTensor, source, scale: int = 1, prepare: Optional[Callable[[Tensor], Tensor]] = None
-) -> RowBands:  # pred: [H, W, ...]
-    """The ground truth of image `pred` as each local member's span of it (`gt_row_spans` of its row
-    layout), read from `source` on the member's own device: `source.read(lo * scale, stop * scale, device,
-    member)`, the source rows that `prepare` (e.g. splatfacto's stride-`scale` area downscale; row-local)
-    turns into rows [lo, stop)."""
+    pred: AggregateTensor, source, scale: int = 1, prepare: Optional[Callable[[Tensor], Tensor]] = None,
+    image_height: Optional[int] = None,
+) -> RowBands:  # pred: [H, W, ...] or [C * image_height, W, ...]
+    """The ground truth of image `pred` (or of a camera batch's stacked images, each `image_height` rows)
+    as each local member's span of it (`gt_row_spans` of its row layout), read from `source` on the
+    member's own device: `source.read(lo * scale, stop * scale, device, member)`, the source rows that
+    `prepare` (e.g. splatfacto's stride-`scale` area downscale; row-local) turns into rows [lo, stop)."""
     assert isinstance(pred, AggregateTensor) and pred.dim() == 3, f"pred must be an aggregate [H, W, C], got {type(pred).__name__}"
     assert scale >= 1, f"scale must be at least 1, got {scale}"
     layout = pred._layout
-    spans = gt_row_spans(layout.bounds, layout.rows)
+    spans = gt_row_spans(layout.bounds, layout.rows, image_height)
     m = layout.members
     bands = {}
     for r in m.local:
