@@ -348,7 +348,8 @@ class MsSplatfactoModel(SplatfactoModel):
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         """Splatfacto's losses, with L1 + SSIM computed in bands of tile rows, one per member; in split
-        training the ground truth too stays in the members' bands."""
+        training (one camera or a batch's [B * H, W, 3] rows) the ground truth too stays in the members'
+        bands."""
         pred_img, bands = outputs["rgb"], self._gt_bands(outputs, batch)
         gt_img = bands if bands is not None else self._gt_images(batch, outputs["background"])
         wide = accumulation_dtype(self.members.device, pred_img.dtype)  # float64 on the CPU: bit-equal members

@@ -217,3 +217,49 @@ def test_camera_batch_steps_on_two_ranks_equal_one_member(tmp_path: Path, one_me
     for rank, got in enumerate(run_ranks(2, batch_steps, "cpu:2", tmp=tmp_path)):
         assert got["members"] == "2 ranks x cpu:2", rank
         assert_same_training(got, one_member)
+
+
+def datamanager_steps(lund_tiny: Path, spec: str, steps: int = 6) -> Dict[str, object]:
+    """`steps` steps on the datamanager's real camera batches (two cameras per step, uint8 images stacked
+    to [2, H, W, 3]) on `spec`: the losses, PSNRs and parameters."""
+    from ms_splatfacto.model import MsSplatfactoModelConfig
+    from tests.test_streaming_data import lund
+
+    datamanager = lund(lund_tiny, "cache", cache_images_type="uint8", cameras_per_step=2, camera_res_scale_factor=0.25)
+    torch.manual_seed(0)
+    metadata = datamanager.train_dataparser_outputs.metadata
+    model = MsSplatfactoModelConfig(devices=spec, num_downscales=0, warmup_length=2, refine_every=3).setup(
+        scene_box=datamanager.train_dataset.scene_box, num_train_data=len(datamanager.train_dataset),
+        seed_points=(metadata["points3D_xyz"], metadata["points3D_rgb"]),
+    )
+    model.train()
+    optimizers = {name: torch.optim.Adam(params, lr=1e-3, eps=1e-15) for name, params in model.get_gaussian_param_groups().items()}
+    reset_fallback_counts()
+    log = []
+    for step in range(steps):
+        model.step_cb(SimpleNamespace(optimizers=optimizers), step)
+        cameras, batch = datamanager.next_train(step)
+        assert batch["image"].shape[0] == 2
+        outputs = model.get_outputs(cameras)
+        assert is_aggregate(outputs["rgb"]) and outputs["rgb"].shape[0] == 2 * model.last_size[0]
+        psnr = model.get_metrics_dict(outputs, batch)["psnr"]
+        loss = sum(model.get_loss_dict(outputs, batch).values())
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        loss.backward()
+        for optimizer in optimizers.values():
+            optimizer.step()
+        model.step_post_backward(step)
+        log.append((float(loss), float(psnr), model.num_points))
+    bounds = outputs["rgb"]._layout.bounds
+    out = {"log": log, "fallbacks": fallback_counts(), "mid_camera": any(b % model.last_size[0] for b in bounds)}
+    out.update({name: to_plain(model.gauss_params[name].detach()) for name in GAUSSIAN_PARAMS})
+    return out
+
+
+def test_datamanager_camera_batches_train_alike_on_any_member_count(lund_tiny: Path):
+    one, four = datamanager_steps(lund_tiny, "cpu"), datamanager_steps(lund_tiny, "cpu:4")
+    assert four["fallbacks"] == {} and four["mid_camera"]
+    assert four["log"] == one["log"]
+    for name in GAUSSIAN_PARAMS:
+        assert torch.equal(four[name], one[name]), name

@@ -2,10 +2,11 @@
 horizontal bands of tile rows, one band per member, as the reference method splits it.
 
 Each band computes partial sums over the rows it owns, divided by the global counts, so the result
-(and its gradient) equals the unbanded loss to float rounding. In training the rendered image is an
-aggregate over pixel rows (`split_l1_ssim`): each member sums its own rows, reads the SSIM halo rows
-from the member below through the exchange, and only partial sums travel. Assembled images (a camera
-batch) use `banded_l1_ssim`, where every rank computes every band and nothing moves.
+(and its gradient) equals the unbanded loss to float rounding. In training the rendered image (or a
+camera batch's C images, stacked to [C * H, W, 3]) is an aggregate over pixel rows (`split_l1_ssim`):
+each member sums its own rows, reads the SSIM halo rows from the member below through the exchange
+(never across a camera's end), and only partial sums travel. Assembled images use `banded_l1_ssim`,
+where every rank computes every band and nothing moves.
 
 SSIM follows pytorch_msssim.SSIM(data_range=1.0, channel=3) exactly: an 11-tap gaussian window (sigma
 1.5, built in float32 then cast), "valid" separable convolution, K = (0.01, 0.03). Its map row i reads
