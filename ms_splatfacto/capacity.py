@@ -211,7 +211,8 @@ def main(argv: List[str] | None = None) -> Plan:
     parser.add_argument("--batch", type=int, default=1, help="cameras per step")
     parser.add_argument("--members", default="1x24GiB", help="e.g. 8x141GB, cpu:4x6GB, 2x80GB,1x512GB")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (thread-dependent terms)")
-    parser.add_argument("--fused-adam", action="store_true", help="the optimizer is torch's fused Adam")
+    parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
+                        help="the optimizer is torch's fused Adam (ms-splatfacto's default; --no-fused-adam: per-op Adam)")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.image.lower().split("x"))
     p = plan(int(args.gaussians), args.sh_degree, width, height, args.batch, args.members, args.threads, args.fused_adam)
