@@ -244,11 +244,12 @@ class MsSplatfactoModel(SplatfactoModel):
         self.last_size = (height, width)
 
         render_mode = "RGB+ED" if self.config.output_depth_during_training or not self.training else "RGB"
-        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
-        if self.config.sh_degree > 0:
+        if self.config.sh_degree > 0:  # the DC and higher orders apart: no [N, K, 3] copy (backend/ops/sh_parts.py)
+            colors, sh_rest = params["features_dc"], params["features_rest"]
             sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
         else:
-            colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
+            colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+            colors, sh_rest, sh_degree = torch.sigmoid(colors).squeeze(1), None, None
 
         # Training images stay with the members that render them ([C * H, W, ...] over pixel rows); the
         # bilateral grid needs whole images.
@@ -270,6 +271,7 @@ class MsSplatfactoModel(SplatfactoModel):
             rasterize_mode=self.config.rasterize_mode,
             kernels=None if self.config.kernels == "auto" else self.config.kernels,
             split_images=split,
+            sh_rest=sh_rest,
         )
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)

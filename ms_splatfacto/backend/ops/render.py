@@ -21,6 +21,7 @@ from ms_splatfacto.backend.aggregate.members import members as members_of
 from ms_splatfacto.backend.kernels import get_kernels, kernels_for
 from ms_splatfacto.backend.rendering import RenderMode, backgrounds_for, expected_depth
 from ms_splatfacto.backend.ops.per_member import per_member
+from ms_splatfacto.backend.ops.sh_parts import sh_from_parts
 from ms_splatfacto.backend.ops.tile_raster import tile_rasterize
 from ms_splatfacto.backend.ops.tiles import plan_tiles
 
@@ -33,7 +34,7 @@ def rasterization(
     quats: Tensor,  # [N, 4], need not be normalised
     scales: Tensor,  # [N, 3], activated (not log)
     opacities: Tensor,  # [N], activated (not logit)
-    colors: Tensor,  # [N, K, 3] SH coefficients when sh_degree is set, else [N, D]
+    colors: Tensor,  # [N, K, 3] SH coefficients when sh_degree is set (the DC [N, 3] with sh_rest), else [N, D]
     viewmats: Tensor,  # [C, 4, 4] world-to-camera, ordinary
     Ks: Tensor,  # [C, 3, 3], ordinary
     width: int,
@@ -50,6 +51,7 @@ def rasterization(
     rasterize_mode: Literal["classic", "antialiased"] = "classic",
     kernels: Optional[str] = None,
     split_images: bool = False,
+    sh_rest: Optional[Tensor] = None,  # [N, K - 1, 3]
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
     """Render C cameras from Gaussians on the aggregate device (ordinary tensors count as one member).
 
@@ -66,12 +68,18 @@ def rasterization(
     assert rasterize_mode in ("classic", "antialiased"), f"unknown rasterize_mode {rasterize_mode!r}"
     assert not is_aggregate(viewmats) and not is_aggregate(Ks), "cameras are replicated, ordinary tensors"
     spec = means.members if is_aggregate(means) else members_of(str(means.device))
-    means, quats, scales, opacities, colors = (_on_aggregate(t, spec) for t in (means, quats, scales, opacities, colors))
+    assert sh_rest is None or (sh_degree is not None and colors.shape == sh_rest.shape[:1] + (3,)), (
+        "sh_rest [N, K - 1, 3] goes with sh_degree and the DC coefficients [N, 3] as colors"
+    )
+    inputs = (means, quats, scales, opacities, colors) + ((sh_rest,) if sh_rest is not None else ())
+    rowed = tuple(_on_aggregate(t, spec) for t in inputs)
+    means = rowed[0]
     kernel_set = get_kernels(kernels) if kernels else kernels_for(means.device)
     with_depth = render_mode in ("RGB+D", "RGB+ED", "D", "ED")
     depth_only = render_mode in ("D", "ED")
 
-    def project_member(d, means, quats, scales, opacities, colors, viewmats, Ks):
+    def project_member(d, means, quats, scales, opacities, colors, *rest_and_cameras):
+        *rest, viewmats, Ks = rest_and_cameras
         radii, means2d, depths, conics, comps = kernel_set.project(
             means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
             far_plane=far_plane, radius_clip=radius_clip, calc_compensations=rasterize_mode == "antialiased",
@@ -87,17 +95,18 @@ def rasterization(
             else:
                 campos = torch.inverse(viewmats)[:, :3, 3]  # [C, 3]
                 dirs = means[None, :, :] - campos[:, None, :]  # [C, n, 3]
-                feats = kernel_set.spherical_harmonics(sh_degree, dirs, colors, masks=radii > 0)
+                if rest:  # the DC and higher orders apart: no [n, K, 3] concatenation (see sh_parts)
+                    feats = sh_from_parts(kernel_set.spherical_harmonics, sh_degree, dirs, colors, rest[0], masks=radii > 0)
+                else:
+                    feats = kernel_set.spherical_harmonics(sh_degree, dirs, colors, masks=radii > 0)
                 feats = torch.clamp_min(feats + 0.5, 0.0)
             if with_depth:
                 feats = torch.cat((feats, depths[..., None]), dim=-1)
         return tuple(x.transpose(0, 1) for x in (means2d, conics, feats, opac, depths, radii))  # per_member copies them once
 
-    if sh_degree is not None:
+    if sh_degree is not None and sh_rest is None:
         assert colors.dim() == 3 and colors.shape[-1] == 3, "SH colours must be [N, K, 3]"
-    means2d, conics, feats, opac, depths, radii = per_member(
-        project_member, (means, quats, scales, opacities, colors), (viewmats, Ks)
-    )
+    means2d, conics, feats, opac, depths, radii = per_member(project_member, rowed, (viewmats, Ks))
     plan = plan_tiles(kernel_set, means2d, radii, depths, width, height, tile_size)
     render_colors, render_alphas = tile_rasterize(
         plan, kernel_set, means2d, conics, feats, opac, backgrounds_for(backgrounds, render_mode), absgrad, split_images

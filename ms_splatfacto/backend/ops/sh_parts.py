@@ -1,0 +1,81 @@
+"""View-dependent colours from SH coefficients kept as splatfacto keeps them: the DC term [N, 3] and the
+higher orders [N, K-1, 3], two parameters.
+
+Concatenating them into the [N, K, 3] tensor the kernels take costs, at SH degree 3, 192 B per Gaussian
+held through the forward, 192 B more for its gradient in the backward, and 180 B for the copy autograd
+makes of the higher orders' gradient (a non-contiguous slice of it): the largest transients of a step
+after Adam's. Here the kernel runs on row chunks of that concatenation (at most `chunk_rows` rows at a
+time), and the backward recomputes each chunk and writes the two gradients straight into their own
+tensors. SH is computed row by row, so the colours and gradients are the unchunked kernel's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+CHUNK_ROWS = 1 << 16
+"""Rows per chunk: 12.6 MB of [rows, 16, 3] float32 coefficients at SH degree 3."""
+
+ShKernel = Callable[[int, Tensor, Tensor, Optional[Tensor]], Tensor]
+"""A kernel set's `spherical_harmonics(degree, dirs [C, n, 3], coeffs [n, K, 3], masks [C, n])` -> [C, n, 3]."""
+
+
+def _spans(n: int, chunk: int):
+    return ((a, min(n, a + chunk)) for a in range(0, n, chunk))
+
+
+class _ShFromParts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel: ShKernel, degree: int, chunk: int, dirs: Tensor, dc: Tensor, rest: Tensor,
+                masks: Optional[Tensor]) -> Tensor:
+        out = dirs.new_empty(dirs.shape[0], dc.shape[0], 3)
+        for a, b in _spans(dc.shape[0], chunk):
+            coeffs = torch.cat((dc[a:b, None], rest[a:b]), dim=1)
+            out[:, a:b] = kernel(degree, dirs[:, a:b], coeffs, masks=None if masks is None else masks[:, a:b])
+        ctx.save_for_backward(dirs, dc, rest, masks)
+        ctx.kernel, ctx.degree, ctx.chunk = kernel, degree, chunk
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v_out: Tensor):  # [C, n, 3]
+        dirs, dc, rest, masks = ctx.saved_tensors
+        want_dirs = ctx.needs_input_grad[3]
+        v_dirs = torch.empty_like(dirs) if want_dirs else None
+        v_dc, v_rest = torch.empty_like(dc), torch.empty_like(rest)
+        for a, b in _spans(dc.shape[0], ctx.chunk):
+            with torch.enable_grad():
+                d = dirs[:, a:b].detach().requires_grad_(want_dirs)
+                coeffs = torch.cat((dc[a:b, None].detach(), rest[a:b].detach()), dim=1).requires_grad_()
+                out = ctx.kernel(ctx.degree, d, coeffs, masks=None if masks is None else masks[:, a:b])
+            grads = torch.autograd.grad(out, (d, coeffs) if want_dirs else (coeffs,), v_out[:, a:b], allow_unused=True)
+            if want_dirs:  # degree 0 may not read the directions at all
+                v_dirs[:, a:b] = grads[0] if grads[0] is not None else 0
+            v_dc[a:b], v_rest[a:b] = grads[-1][:, 0], grads[-1][:, 1:]
+        return None, None, None, v_dirs, v_dc, v_rest, None
+
+
+def sh_from_parts(
+    kernel: ShKernel,
+    degree: int,
+    dirs: Tensor,  # [C, n, 3], not necessarily normalised
+    dc: Tensor,  # [n, 3]
+    rest: Tensor,  # [n, K - 1, 3], K >= (degree + 1) ** 2
+    masks: Optional[Tensor] = None,  # [C, n] bool
+    chunk_rows: int = CHUNK_ROWS,
+) -> Tensor:  # [C, n, 3]
+    """`kernel(degree, dirs, cat((dc[:, None], rest), 1), masks)` without the [n, K, 3] concatenation
+    (see the module docstring); differentiable in dirs, dc and rest."""
+    C, n = dirs.shape[:2]
+    assert dirs.shape == (C, n, 3), f"dirs must be [C, n, 3], got {tuple(dirs.shape)}"
+    assert dc.shape == (n, 3), f"dc must be [{n}, 3], got {tuple(dc.shape)}"
+    assert rest.dim() == 3 and rest.shape[0] == n and rest.shape[2] == 3 and rest.shape[1] + 1 >= (degree + 1) ** 2, (
+        f"rest must be [{n}, K - 1 >= {(degree + 1) ** 2 - 1}, 3] for degree {degree}, got {tuple(rest.shape)}"
+    )
+    assert masks is None or masks.shape == (C, n), f"masks must be [{C}, {n}], got {tuple(masks.shape)}"
+    assert chunk_rows >= 1, f"chunk_rows must be positive, got {chunk_rows}"
+    return _ShFromParts.apply(kernel, int(degree), int(chunk_rows), dirs, dc, rest, masks)
