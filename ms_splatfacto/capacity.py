@@ -12,13 +12,13 @@ K = (d + 1)^2 SH coefficients:
 - transient buffers: the largest extra of the step's three phases over the terms above, measured on the
   CPU (benchmarks/stepbench.py, one member, MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the
   resident set; tests/test_capacity.py checks the prediction against measured peaks):
-  * forward: the previous step's kept records still live, the model's [N, K, 3] SH colour tensor
-    (torch.cat of features_dc and features_rest, 12K B) and FORWARD_REST_PER_CAMERA (projection,
-    tile plan, records read), before any gradient exists;
-  * backward: the SH colours and their gradient (24K B) and BACKWARD_REST_PER_CAMERA (record
-    gradients, float64 partial sums, per-field reduction buffers), plus the rasterizer's backward
-    scratch per thread, BACKWARD_SCRATCH_PER_THREAD (measured 0: the peak at 1 and at 2 threads is
-    the same), before the parameter gradients exist;
+  * forward: the previous step's kept records still live and FORWARD_REST_PER_CAMERA (projection,
+    tile plan, records read), before any gradient exists; SH runs on row chunks of the coefficients
+    (backend/ops/sh_parts.py), a fixed [CHUNK_ROWS, K, 3] buffer per member rather than 12K B per Gaussian;
+  * backward: BACKWARD_REST_PER_CAMERA (record gradients, float64 partial sums, per-field reduction
+    buffers, the parameter gradients as they arrive), the SH chunk and its gradient (a fixed 2 x
+    [CHUNK_ROWS, K, 3] per member), plus the rasterizer's backward scratch per thread,
+    BACKWARD_SCRATCH_PER_THREAD (measured 0: the peak at 1 and at 2 threads is the same);
   * optimizer: torch's single-tensor Adam makes two temporaries the size of the largest parameter
     (sqrt of the second moment and its quotient: 2 x 12 (K - 1) B); `fused_adam` (one kernel) makes none;
 - per image pixel (member 0, which assembles the image): rendered colours and alphas, the ground
@@ -39,15 +39,20 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+from ms_splatfacto.backend.ops.sh_parts import CHUNK_ROWS
+
 FLOAT = 4
 STATS = 3 * FLOAT
 KEPT_PER_CAMERA = 102
 """Bytes per Gaussian per camera live between steps beyond parameters, gradients, moments and statistics:
 measured after a step (1058 - 956 B at SH 3, 256x192, about 1.9 tile intersections per Gaussian)."""
 FORWARD_REST_PER_CAMERA = 134
-"""The forward's peak beyond the named forward terms (measured 1246 B at SH 3, 100k and 300k)."""
-BACKWARD_REST_PER_CAMERA = 133
-"""The backward's peak beyond the named backward terms (measured 1337 B at SH 3, 100k and 300k)."""
+"""The forward's peak beyond the named forward terms (measured 1246 B at SH 3, 100k and 300k, with the
+[N, K, 3] SH concatenation the model then made)."""
+BACKWARD_REST_PER_CAMERA = 295
+"""The backward's peak beyond parameters, moments, statistics and kept records (fused Adam at SH 3:
+1395, 1207 and 1141 B per Gaussian measured at 100k, 300k and 1M, a fixed 27 MB of SH chunks and
+per-pixel buffers included; benchmarks/memory_per_gaussian.py)."""
 BACKWARD_SCRATCH_PER_THREAD = 0
 """Rasterizer backward scratch per thread and camera (B per Gaussian): the peak of the backward measured
 at 1 and at 2 threads differs by under 5 B (1334 and 1339), so the kernels' sums do not grow with the
@@ -70,10 +75,23 @@ def phase_bytes(sh_degree: int = 3, batch: int = 1, threads: int = 1, fused_adam
     state = 3 * f + STATS  # parameters and Adam's moments, statistics: live in every phase
     kept = batch * KEPT_PER_CAMERA
     return {
-        "forward": state + 2 * kept + 3 * FLOAT * k + batch * FORWARD_REST_PER_CAMERA,
-        "backward": state + kept + 2 * 3 * FLOAT * k + batch * (BACKWARD_REST_PER_CAMERA + threads * BACKWARD_SCRATCH_PER_THREAD),
+        "forward": state + 2 * kept + batch * FORWARD_REST_PER_CAMERA,
+        "backward": state + kept + batch * (BACKWARD_REST_PER_CAMERA + threads * BACKWARD_SCRATCH_PER_THREAD),
         "optimizer": state + f + kept + (0 if fused_adam else 2 * 3 * FLOAT * (k - 1)),
     }
+
+
+def phase_fixed_bytes(rows: int, sh_degree: int = 3) -> Dict[str, int]:
+    """Bytes of a member holding `rows` Gaussians that do not grow with them, per phase: the SH row chunk
+    (forward), it and its gradient (backward)."""
+    chunk = min(rows, CHUNK_ROWS) * 3 * FLOAT * (sh_degree + 1) ** 2 if sh_degree > 0 else 0
+    return {"forward": chunk, "backward": 2 * chunk, "optimizer": 0}
+
+
+def member_peak(rows: int, sh_degree: int = 3, batch: int = 1, threads: int = 1, fused_adam: bool = False) -> int:
+    """Peak bytes of a member holding `rows` Gaussians: the largest phase, per-Gaussian and fixed terms."""
+    per, fixed = phase_bytes(sh_degree, batch, threads, fused_adam), phase_fixed_bytes(rows, sh_degree)
+    return max(rows * per[phase] + fixed[phase] for phase in per)
 
 
 def bytes_per_gaussian(sh_degree: int = 3, batch: int = 1, threads: int = 1, fused_adam: bool = False) -> Dict[str, int]:
@@ -149,15 +167,14 @@ def plan(gaussians: int, sh_degree: int = 3, width: int = 1920, height: int = 10
     per_image = PER_PIXEL * width * height * batch
     n = len(parsed)
     rows = [gaussians // n + (1 if d < gaussians % n else 0) for d in range(n)]
-    per_member = [r * sum(per_gaussian.values()) + (per_image if d == 0 else 0) for d, r in enumerate(rows)]
+    per_member = [member_peak(r, sh_degree, batch, threads, fused_adam) + (per_image if d == 0 else 0) for d, r in enumerate(rows)]
     return Plan(gaussians, sh_degree, width, height, batch, per_gaussian, per_image, parsed, per_member)
 
 
 def predicted_peak(gaussians: int, sh_degree: int = 3, width: int = 256, height: int = 192, batch: int = 1, threads: int = 1,
                    fused_adam: bool = False) -> float:
     """Predicted peak memory of one step on one machine (all members together), in bytes."""
-    per = sum(bytes_per_gaussian(sh_degree, batch, threads, fused_adam).values())
-    return gaussians * per + PER_PIXEL * width * height * batch
+    return member_peak(gaussians, sh_degree, batch, threads, fused_adam) + PER_PIXEL * width * height * batch
 
 
 def human(nbytes: float) -> str:
