@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -82,6 +84,10 @@ def main() -> None:
         "refinement_s": statistics.median([a + b for a, b in zip(times["grow"], times["prune_reorder"])]),
         "refinement_cpu_s": statistics.median(times["cpu"]),
         "exchange_bytes": exchange_totals(), "fallbacks": fallback_counts(),
+        "repeats": args.repeats, "load_average_at_end": os.getloadavg(),
+        "spread_s": {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in
+                     {**times, "refinement": [a + b for a, b in zip(times["grow"], times["prune_reorder"])]}.items()},
+        "command": "benchmarks/refine_time.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=1))
     RESULTS.parent.mkdir(exist_ok=True)
