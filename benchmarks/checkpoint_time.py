@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 from typing import Dict, List
+from bench_stats import spread
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -68,7 +68,6 @@ def main() -> None:
                 times[spec]["read"].append(time.perf_counter() - start)
                 sizes[spec] = folder_bytes(path)
                 del loaded
-    spread = lambda v: {"min": min(v), "median": statistics.median(v), "max": max(v)}  # noqa: E731
     rows = [{"spec": spec, "format": "sharded folder" if len(members(spec)) > 1 else "single file", "bytes": sizes[spec],
              **{f"{k}_s": spread(v) for k, v in times[spec].items()}} for spec in args.specs]
     for row in rows:

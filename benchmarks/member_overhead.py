@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+from bench_stats import spread
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,9 +30,6 @@ import torch  # noqa: E402
 
 import stepbench  # noqa: E402
 
-
-def spread(values: List[float]) -> Dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from bench_stats import spread
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -40,10 +40,6 @@ def spans(members: int):
 
     bounds = [min(t * TILE, HEIGHT) for t in even_bounds(-(-HEIGHT // TILE), members)]
     return gt_row_spans(bounds, HEIGHT)
-
-
-def stats(values):
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def main() -> None:
@@ -81,9 +77,9 @@ def main() -> None:
                     file_rows(data, lo, hi)
             reconstructed = [n for *_, n in COUNTS.records]
             at = 0
-            entry = {"file_bytes": path.stat().st_size, "whole_pil_ms": stats(whole), "members": {}}
+            entry = {"file_bytes": path.stat().st_size, "whole_pil_ms": spread(whole), "members": {}}
             for m, plan in plans.items():
-                entry["members"][m] = [{"rows": list(span), "reconstructed": reconstructed[at + r], "ms": stats(bands[m][r])}
+                entry["members"][m] = [{"rows": list(span), "reconstructed": reconstructed[at + r], "ms": spread(bands[m][r])}
                                        for r, span in enumerate(plan)]
                 at += len(plan)
             results["formats"][kind] = entry

@@ -23,6 +23,7 @@ import torch
 from ms_splatfacto.backend.aggregate import aggregate, exchange_totals, fallback_counts, reset_exchange, reset_fallback_counts
 from ms_splatfacto.backend.morton import morton_order
 from ms_splatfacto.strategy import MsStrategy
+from bench_stats import spread
 
 RESULTS = Path(__file__).resolve().parent / "results" / "refine_time.json"
 
@@ -85,7 +86,7 @@ def main() -> None:
         "refinement_cpu_s": statistics.median(times["cpu"]),
         "exchange_bytes": exchange_totals(), "fallbacks": fallback_counts(),
         "repeats": args.repeats, "load_average_at_end": os.getloadavg(),
-        "spread_s": {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in
+        "spread_s": {k: spread(v) for k, v in
                      {**times, "refinement": [a + b for a, b in zip(times["grow"], times["prune_reorder"])]}.items()},
         "command": "benchmarks/refine_time.py " + " ".join(sys.argv[1:]),
     }

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+from bench_stats import spread
 
 REPO = Path(__file__).resolve().parents[1]
 STEPBENCH = REPO / "benchmarks" / "stepbench.py"
@@ -40,9 +41,6 @@ def run_cell(n: int, members: int, steps: int, warmup: int, threads: int) -> Dic
         raise RuntimeError(f"stepbench failed ({' '.join(command[1:])}): {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-
-def spread(values: List[float]) -> Dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def load_avg() -> Optional[List[float]]:

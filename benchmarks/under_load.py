@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+from bench_stats import spread
 
 REPO = Path(__file__).resolve().parents[1]
 HOG = "while True: pass"
@@ -32,9 +33,6 @@ CONFIGS = {
     "all cores, passive wait": {"threads": 0, "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
 }
 
-
-def spread(values: List[float]) -> Dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def worker(gaussians: int, devices: str, rounds: int, steps: int, warmup: int, threads: int) -> Dict[str, object]:
