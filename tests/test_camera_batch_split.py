@@ -30,7 +30,7 @@ from ms_splatfacto.backend.ops.render import rasterization
 from ms_splatfacto.backend.ops.row_inputs import gt_row_spans, ssim_span
 from ms_splatfacto.model import GAUSSIAN_PARAMS
 from tests.ranks import run_ranks
-from tests.test_model_step import batch_of_cameras, make_model
+from tests.test_model_step import batch_of_cameras, make_model, optimize
 
 C, H, W = 3, 40, 56
 LAMBDA = 0.2
@@ -157,12 +157,7 @@ def batch_steps(spec: str, count: int = 2, masked: bool = False) -> Dict[str, ob
         psnr = model.get_metrics_dict(outputs, batch)["psnr"]
         losses = model.get_loss_dict(outputs, batch)
         loss = sum(losses.values())
-        for optimizer in optimizers.values():
-            optimizer.zero_grad()
-        loss.backward()
-        for optimizer in optimizers.values():
-            optimizer.step()
-        model.step_post_backward(step)
+        optimize(model, optimizers, loss, step)
         log.append((float(loss), float(psnr), model.num_points))
     out: Dict[str, object] = {"log": log, "split": split, "fallbacks": fallback_counts(), "members": str(model.members),
                               "mid_camera": mid_camera}
@@ -244,12 +239,7 @@ def datamanager_steps(lund_tiny: Path, spec: str, steps: int = 6) -> Dict[str, o
         assert is_aggregate(outputs["rgb"]) and outputs["rgb"].shape[0] == 2 * model.last_size[0]
         psnr = model.get_metrics_dict(outputs, batch)["psnr"]
         loss = sum(model.get_loss_dict(outputs, batch).values())
-        for optimizer in optimizers.values():
-            optimizer.zero_grad()
-        loss.backward()
-        for optimizer in optimizers.values():
-            optimizer.step()
-        model.step_post_backward(step)
+        optimize(model, optimizers, loss, step)
         log.append((float(loss), float(psnr), model.num_points))
     bounds = outputs["rgb"]._layout.bounds
     out = {"log": log, "fallbacks": fallback_counts(), "mid_camera": any(b % model.last_size[0] for b in bounds)}

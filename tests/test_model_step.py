@@ -40,6 +40,16 @@ def camera_and_image():
     return camera, {"image": image}
 
 
+def optimize(model, optimizers, loss, step: int) -> None:
+    """What ns-train does with a step's loss: zero the gradients, backward, Adam, then the strategy's hook."""
+    for optimizer in optimizers.values():
+        optimizer.zero_grad()
+    loss.backward()
+    for optimizer in optimizers.values():
+        optimizer.step()
+    model.step_post_backward(step)
+
+
 def train_steps(spec: str):
     model = make_model(spec)
     camera, batch = camera_and_image()
@@ -52,12 +62,7 @@ def train_steps(spec: str):
         model.step_cb(SimpleNamespace(optimizers=optimizers), step)
         outputs = model.get_outputs(camera.to("cpu"))
         loss = sum(model.get_loss_dict(outputs, batch).values())
-        for optimizer in optimizers.values():
-            optimizer.zero_grad()
-        loss.backward()
-        for optimizer in optimizers.values():
-            optimizer.step()
-        model.step_post_backward(step)
+        optimize(model, optimizers, loss, step)
         log.append((float(loss), model.num_points))
     return model, optimizers, log, fallback_counts()
 

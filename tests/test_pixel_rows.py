@@ -20,6 +20,7 @@ from ms_splatfacto.datamanager import MsDatamanagerConfig
 from ms_splatfacto.image_rows import COUNTS, ImageRows, file_rows
 from ms_splatfacto.image_stream import decode
 from tests.ranks import run_ranks
+from tests.test_model_step import optimize
 
 
 def lund(lund_tiny: Path, images: str, **overrides):
@@ -168,12 +169,7 @@ def train(datamanager, spec: str, steps: int, whole_images: bool = False):
         outputs = model.get_outputs(camera)
         metrics = model.get_metrics_dict(outputs, batch)
         loss = sum(model.get_loss_dict(outputs, batch, metrics).values())
-        for optimizer in optimizers.values():
-            optimizer.zero_grad()
-        loss.backward()
-        for optimizer in optimizers.values():
-            optimizer.step()
-        model.step_post_backward(step)
+        optimize(model, optimizers, loss, step)
         log.append((float(loss.detach()), model.num_points))
         psnrs.append(float(metrics["psnr"]))
     return {name: to_plain(p.detach()) for name, p in model.gauss_params.items()}, log, psnrs

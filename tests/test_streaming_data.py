@@ -22,6 +22,7 @@ from ms_splatfacto.image_rows import ImageRows
 from ms_splatfacto.image_stream import ImageStream
 from tests.conftest import train
 from tests.ranks import run_ranks
+from tests.test_model_step import optimize
 
 CAMERA_FIELDS = ("camera_to_worlds", "fx", "fy", "cx", "cy", "width", "height", "distortion_params", "camera_type")
 
@@ -129,12 +130,7 @@ def train_in_process(datamanager, steps: int) -> dict:
         model.step_cb(SimpleNamespace(optimizers=optimizers), step)
         cameras, batch = datamanager.next_train(step)
         loss = sum(model.get_loss_dict(model.get_outputs(cameras), batch).values())
-        for optimizer in optimizers.values():
-            optimizer.zero_grad()
-        loss.backward()
-        for optimizer in optimizers.values():
-            optimizer.step()
-        model.step_post_backward(step)
+        optimize(model, optimizers, loss, step)
     return {name: model.gauss_params[name].detach().clone() for name in model.gauss_params}, float(loss)
 
 
