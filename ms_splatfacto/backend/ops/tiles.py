@@ -2,7 +2,8 @@
 
 The camera-major list of (camera, tile) keys is cut into contiguous, even ranges, one per member.
 Each Gaussian's owner intersects its Gaussians with the tiles (the unchanged kernel on its chunk) and
-routes each intersection to the member whose range holds the key; that member sorts what it receives
+routes each intersection to the member whose range holds the key (its sorted list cut into
+contiguous runs, one per range); that member sorts what it receives
 (sources arrive in global row order, each already sorted, so a stable sort of the concatenation gives
 exactly the single-device order, and the members' lists concatenated are globally sorted: no merge).
 
@@ -129,6 +130,8 @@ def plan_tiles(
     per_camera = tile_width * tile_height
     tile_bits = per_camera.bit_length()
     tile_bounds = [rows * tile_width for rows in even_bounds(C * tile_height, n_members)]  # whole tile rows
+    # [members + 1] the first isect id of each member's key range (camera << tile_bits | tile, then depth bits)
+    first_keys = torch.tensor([((b // per_camera << tile_bits) | (b % per_camera)) << 32 for b in tile_bounds], dtype=torch.long)
     sorted_pairs: Dict[int, Tensor] = {}
     cuts: Dict[int, Tensor] = {}
     for s in m.local:
@@ -143,22 +146,11 @@ def plan_tiles(
         flat = flat.long()
         record = (layout.bounds[s] + flat % n_s) * C + flat // n_s  # global row * C + camera
         del flat  # [M_s] temporaries are freed as soon as they are used: they scale with N
-        if n_members == 1:  # one key range: nothing to route
-            cuts[s] = torch.tensor([0, ids.shape[0]], device=device)
-            sorted_pairs[s] = torch.stack([ids, record], dim=1)  # [M_s, 2]: key, record
-            continue
-        key = ids >> 32
-        global_tile = (key >> tile_bits) * per_camera + (key & ((1 << tile_bits) - 1))
-        del key
-        dest = torch.bucketize(global_tile, torch.tensor(tile_bounds[1:-1], dtype=torch.long, device=device), right=True)
-        del global_tile
-        order = torch.sort(dest, stable=True)
-        del dest
-        cuts[s] = torch.searchsorted(order.values, torch.arange(n_members + 1, device=device))
-        index = order.indices
-        del order
-        sorted_pairs[s] = torch.stack([ids[index], record[index]], dim=1)  # [M_s, 2]: key, record
-        del ids, record, index
+        # isect_tiles sorts its keys and a key range is a span of (camera, tile) keys, so each destination's
+        # intersections are already one contiguous run: cut it by binary search, no sort, no gather.
+        cuts[s] = torch.searchsorted(ids, first_keys.to(device))
+        sorted_pairs[s] = torch.stack([ids, record], dim=1)  # [M_s, 2]: key, record
+        del ids, record
     ends = read_ints(cuts)  # the one host read of this phase, for all local members
     send: Dict[int, List[Tensor]] = {}
     for s in m.local:
