@@ -5,6 +5,7 @@ Shared by `tests/test_gpu_path.py` and `benchmarks/gpu_check.py`, so the GPU mac
 carried gsplat, no nerfstudio, maybe no pytest) runs the very checks the tests run. Importable with
 torch alone; the step mirrors `MsSplatfactoModel.get_outputs` + `get_loss_dict` for one camera
 (an image split over pixel rows, `split_l1_ssim`) or a batch (assembled images, `banded_l1_ssim`).
+A refinement (MsStrategy on these steps) is checked in `gpu_refinement.py`, which builds on this module.
 """
 
 from __future__ import annotations

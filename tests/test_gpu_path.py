@@ -1,8 +1,8 @@
 """The real training path (render op, L1 + SSIM loss, autograd, Adam) on GPUs against the CPU kernels:
-images and gradients, peak memory read during training, a GPU checkpoint rendered on CPU members,
-managed storage. Each GPU test has a CPU twin running the same check with CPU member specs (or the
+images and gradients, a refinement (grow, prune, re-stripe), peak memory read during training, a GPU
+checkpoint rendered on CPU members, managed storage. Each GPU test has a CPU twin running the same check with CPU member specs (or the
 C++ kernels against the pure-PyTorch reference), so the check logic runs on machines without a GPU.
-The checks live in benchmarks/gpu_path.py, which `scripts/gpu_check.sh` also runs where pytest and
+The checks live in benchmarks/gpu_path.py and gpu_refinement.py, which `scripts/gpu_check.sh` also runs where pytest and
 nerfstudio are missing."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_path as gp
+from benchmarks import gpu_refinement as gr
 
 GPUS = torch.cuda.device_count()
 needs_gpu = pytest.mark.skipif(GPUS == 0, reason="needs a GPU (torch sees none); the CPU twin of this check runs here")
@@ -80,6 +81,78 @@ def test_cpu_twin_one_member_matches_the_plain_pipeline(scene: gp.Scene):
 
     result = gp.compare_outputs(gp.step_outputs("cpu", scene), gp.direct_outputs(scene, torch.device("cpu"), rasterization, kernels="cpu"))
     assert_passed(result)
+
+
+@pytest.fixture(scope="module")
+def refine_scene() -> gp.Scene:
+    return gr.refinement_scene(600, 64, 48)
+
+
+@pytest.fixture(scope="module")
+def cpu_refinement(refine_scene: gp.Scene) -> dict:
+    """One CPU member with the C++ kernels: the thresholds (from its statistics) and its run."""
+    return gr.refinement_reference(refine_scene, "cpu", "cpu")
+
+
+def check_refinement(result: dict, members: int) -> None:
+    """Passed, and what it rests on: every decision made, rows even over `members`, no fallback."""
+    assert_passed(result)
+    d, rows = result["decisions"], result["rows_per_member"]
+    assert d == result["reference_run"]["decisions"] and min(d["duplicated"], d["split"], d["pruned"]) > 0, d
+    assert result["gaussians"] == 600 + d["duplicated"] + d["split"] - d["pruned"] == sum(rows)
+    assert len(rows) == members and max(rows) - min(rows) <= 1 and result["fallbacks"] == 0, rows
+
+
+@pytest.mark.parametrize("spec, members", [pytest.param("cuda", max(GPUS, 1), marks=needs_gpu),
+                                           pytest.param("cuda:0*4", 4, marks=needs_gpu),
+                                           pytest.param("cuda:0,1", 2, marks=needs_two)])
+def test_cuda_refinement_matches_cpu_kernels(spec: str, members: int, refine_scene: gp.Scene, cpu_refinement: dict):
+    """The CPU kernels' decisions, moments and parameters (the GPU draws other split noise: children's
+    means aside); then against one GPU member, children's means included."""
+    check_refinement(gr.refinement_parity(spec, refine_scene, reference=cpu_refinement), members)
+    one_gpu = gr.run_reference("cuda:0", refine_scene, cpu_refinement["cuts"])
+    check_refinement(gr.refinement_parity(spec, refine_scene, reference=one_gpu, same_rng=True), members)
+
+
+@pytest.mark.parametrize("spec", ["cpu:4", "cpu:3"])
+def test_cpu_twin_refinement_on_members_is_bit_for_bit_one_member(spec: str, refine_scene: gp.Scene, cpu_refinement: dict):
+    result = gr.refinement_parity(spec, refine_scene, reference=cpu_refinement, same_rng=True, exact=True)
+    check_refinement(result, int(spec[-1]))
+    assert result["losses"] == result["reference_run"]["losses"]
+
+
+def test_cpu_twin_refinement_reference_kernels_decide_as_cpu_kernels(refine_scene: gp.Scene, cpu_refinement: dict):
+    """The CUDA test's comparison with the pure-PyTorch kernels in the GPU's place; both draw the split
+    noise from the CPU's generator, so children's means are compared too."""
+    result = gr.refinement_parity("cpu:4", refine_scene, kernels="reference", reference=cpu_refinement, same_rng=True)
+    check_refinement(result, 4)
+    assert 0 < max(result["rel_l2"].values()) <= gr.MOMENT_REL_L2  # float32 sums in another order
+
+
+def test_refinement_check_flags_other_decisions_and_rows(refine_scene: gp.Scene, cpu_refinement: dict):
+    """The check can fail: a grad threshold just under the gap grows one more Gaussian, and a row moved
+    or a copy made unlike its parent are caught; a child moved only where the split noise is shared."""
+    cuts = cpu_refinement["cuts"]
+    lower = {**cuts, "grow_grad2d": {**cuts["grow_grad2d"], "cut": cuts["grow_grad2d"]["gap"][0] * 0.999}}
+    result = gr.refinement_parity("cpu:2", refine_scene, reference={**cpu_refinement, "cuts": lower}, same_rng=True)
+    assert not result["passed"] and any("decided otherwise" in f for f in result["failures"]), result["failures"]
+    run = cpu_refinement["run"]
+    rows = {**run["rows"], "params": {**run["rows"]["params"], "means": run["rows"]["params"]["means"].clone()}}
+    rows["params"]["means"][5] += 0.5
+    moved = {**run, "rows": rows}
+    compared = gr.compare_refinements(moved, run, refine_scene.raw, same_rng=True)
+    assert compared["failures"] == [f"means rel L2 {compared['rel_l2']['means']:.3g}"]
+    assert gr.compare_refinements(run, run, refine_scene.raw, same_rng=True, exact=True)["passed"]
+    child = torch.where(run["code"][run["rows"]["ids"]] == 3)[0][0]
+    rows["params"]["means"][5] -= 0.5
+    rows["params"]["means"][child] += 0.5  # as another generator's noise would put it
+    assert gr.compare_refinements(moved, run, refine_scene.raw, same_rng=False)["passed"]
+    assert not gr.compare_refinements(moved, run, refine_scene.raw, same_rng=True)["passed"]
+    rows["params"]["means"][child] -= 0.5
+    assert gr.copy_failures(run["rows"], run["code"]) == []
+    twins = torch.where(run["code"][rows["ids"]] == 2)[0]
+    rows["params"]["means"][twins[1]] += 1e-3  # the first duplicated parent's copy
+    assert gr.copy_failures(rows, run["code"]) == ["copies' means differ from their parents'"]
 
 
 def check_memory(result: dict, devices: set) -> None:
