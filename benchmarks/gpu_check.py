@@ -127,8 +127,35 @@ def checks(device: str, sizes: Dict, reference_kernels: str) -> List[Dict]:
     for key in ("one", "four"):
         out.append(run_check(f"checkpoint {specs[key]} -> cpu:4", lambda s=specs[key]: gp.checkpoint_round_trip(s, "cpu:4", scene)))
     out.append(run_check(f"peak memory readable during training on {specs['four']}", lambda: gp.memory_during_training(specs["four"], scene)))
+    out += refinement_checks(device, specs, sizes["parity"], reference_kernels)
     if device == "cuda":
         out.append(run_check("managed storage step on cuda vs cpu", lambda: gp.managed_step("cuda")))
+    return out
+
+
+def refinement_checks(device: str, specs: Dict[str, Optional[str]], size, reference_kernels: str) -> List[Dict]:
+    """A refinement (MsStrategy: duplicate, split, prune, re-stripe) on each member spec against one CPU
+    member with `reference_kernels` (the same decisions), then four members against one on the same
+    device (bit for bit on CPUs; within float32 tolerance on GPUs, whose atomics reorder sums)."""
+    from benchmarks import gpu_refinement as gr
+
+    scene = gr.refinement_scene(*size)  # [N Gaussians, width, height]: the parity scene's
+    cpu = device == "cpu"  # the dry run: both sides draw the split noise from the CPU's generator
+    references: Dict[str, Dict] = {}
+
+    def reference(key: str) -> Dict:
+        """Made on first use (inside a check, so a crash fails that check): one CPU member with
+        `reference_kernels`, or one member of `device` with the thresholds of the former."""
+        if key not in references:
+            references[key] = (gr.refinement_reference(scene, "cpu", reference_kernels) if key == "cpu"
+                               else gr.run_reference(specs["one"], scene, reference("cpu")["cuts"]))
+        return references[key]
+
+    out = [run_check(f"refinement {specs[key]} vs cpu ({reference_kernels} kernels)",
+                     lambda s=specs[key]: gr.refinement_parity(s, scene, reference=reference("cpu"), same_rng=cpu))
+           for key in ("one", "four", "two") if specs[key]]
+    out.append(run_check(f"refinement {specs['four']} vs {specs['one']} (member counts)", lambda: gr.refinement_parity(
+        specs["four"], scene, reference=reference("one"), same_rng=True, exact=cpu)))
     return out
 
 
@@ -207,6 +234,14 @@ def timing_and_memory(device: str, sizes: Dict) -> Dict[str, object]:
                            "after 2 steps of one configuration alone; step_: minus what was allocated before"}
 
 
+def refinement_figures(check: Dict) -> str:
+    d, rows = check["decisions"], check["rows_per_member"]
+    worst = max(check["rel_l2"].values()) if check.get("rel_l2") else 0.0
+    return (f"{d['duplicated']} duplicated, {d['split']} split, {d['pruned']} pruned, {check['gaussians']} rows "
+            f"({min(rows)}-{max(rows)} per member), worst rel L2 {worst:.2g}, grad cut margin "
+            f"{check['thresholds']['grow_grad2d']['margin']:.3f}x")
+
+
 def text_report(result: Dict) -> str:
     """A short human summary of the JSON."""
     env = result["environment"]
@@ -225,6 +260,7 @@ def text_report(result: Dict) -> str:
         figures = [f"image max {c['image_max_abs']:.2g}" if "image_max_abs" in c else "",
                    f"worst grad rel L2 {max(c['grad_rel_l2'].values()):.2g}" if "grad_rel_l2" in c else "",
                    f"peak {c['peak_bytes'] / 2**20:.1f} MiB" if "peak_bytes" in c else "",
+                   refinement_figures(c) if "decisions" in c else "",
                    "; ".join(c.get("failures") or []), (c.get("error") or "").strip()[-200:]]
         lines.append(f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {', '.join(f for f in figures if f)}")
     py = result.get("pytest", {})
@@ -288,8 +324,12 @@ def prepare(args, result: Dict) -> Optional[str]:
         if "error" not in env["gsplat"]:
             env["gsplat"].update(gpu_env.import_gsplat())
         env["build_env"] = gpu_env.set_build_env()
-    else:
-        env["nvcc"], env["ninja"], env["gsplat"] = {"status": "not needed"}, {"status": "not needed"}, {"how": "not needed"}
+    else:  # gsplat's Python alone: the refinement runs its strategy; the CPU pipeline stands in for its kernels
+        env["nvcc"], env["ninja"] = {"status": "not needed"}, {"status": "not needed"}
+        env["rich_shim"] = gpu_env.add_rich_shim()
+        env["gsplat"] = gpu_env.locate_gsplat(args.gsplat_src)
+        if "error" not in env["gsplat"]:
+            env["gsplat"].update(gpu_env.import_gsplat(), kernels="not loaded (dry run)")
     cpu_build, cpu_started = gpu_env.start_cpu_kernel_build(), time.perf_counter()
     if args.device == "cuda":
         if "error" in env["gsplat"] or not env["gsplat"].get("ok"):

@@ -16,9 +16,14 @@ import torch
 from benchmarks import gpu_check, gpu_env
 from tests.conftest import REPO
 
-BLOCKER = '''import importlib.machinery, os, sys
+BLOCKER = '''import importlib.machinery, importlib.util, os, sys
 
 UNINSTALLED = set(os.environ.get("GPU_CHECK_TEST_UNINSTALL", "").split(","))
+
+
+def elsewhere(name):
+    """A copy of `name` outside site-packages (carried, or a stand-in), or None."""
+    return importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if "site-packages" not in p])
 
 
 class Uninstaller:
@@ -28,13 +33,24 @@ class Uninstaller:
     def find_spec(self, name, path=None, target=None):
         if path is not None or name not in UNINSTALLED:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if "site-packages" not in p])
+        spec = elsewhere(name)
         if spec is None:
             raise ModuleNotFoundError(f"No module named {name!r} (uninstalled by the test)", name=name)
         return spec
 
 
+installed_find_spec = importlib.util.find_spec
+
+
+def find_spec(name, package=None):
+    """Probes answer None for a hidden module, as where it is missing (torch's own probes need that)."""
+    if name in UNINSTALLED and name not in sys.modules:
+        return elsewhere(name)
+    return installed_find_spec(name, package)
+
+
 sys.meta_path.insert(0, Uninstaller())
+importlib.util.find_spec = find_spec
 '''
 
 
@@ -58,8 +74,9 @@ def test_script_without_gpu_says_so_in_one_line_and_exits_0(tmp_path: Path):
 
 
 def test_cpu_dry_run_runs_end_to_end_with_torch_alone(tmp_path: Path):
-    """Everything short of the GPU, with nerfstudio and gsplat unimportable: checks, report, timings."""
-    env = uninstalled_env(tmp_path, "nerfstudio,gsplat")
+    """Everything short of the GPU where only torch is installed (as on the GPU machine): checks, report,
+    timings. gsplat's Python comes from the carried copy (the refinement runs its strategy), bare."""
+    env = uninstalled_env(tmp_path, "nerfstudio,gsplat,numpy,rich,jaxtyping")
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -67,9 +84,17 @@ def test_cpu_dry_run_runs_end_to_end_with_torch_alone(tmp_path: Path):
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["ok"] and result["meta"]["mode"] == "tiny" and result["build"]["cpu kernels"]["ok"]
     names = [c["name"] for c in result["checks"]]
-    assert len(names) == 7 and all(c["passed"] for c in result["checks"]), names
-    assert {"step cpu:4 vs cpu", "checkpoint cpu:4 -> cpu:4", "batch of 2 cameras cpu:4 vs cpu"} <= set(names)
-    assert result["environment"]["gsplat"] == {"how": "not needed"}  # the dry run never loads gsplat
+    assert len(names) == 10 and all(c["passed"] for c in result["checks"]), names
+    assert {"step cpu:4 vs cpu", "checkpoint cpu:4 -> cpu:4", "batch of 2 cameras cpu:4 vs cpu",
+            "refinement cpu:4 vs cpu (reference kernels)", "refinement cpu:4 vs cpu (member counts)"} <= set(names)
+    refined = {c["name"]: c for c in result["checks"] if c["name"].startswith("refinement")}
+    for check in refined.values():
+        assert check["fallbacks"] == 0 and min(check["decisions"][k] for k in ("duplicated", "split", "pruned")) > 0
+        assert max(check["rows_per_member"]) - min(check["rows_per_member"]) <= 1
+    assert len(refined["refinement cpu:4 vs cpu (reference kernels)"]["rows_per_member"]) == 4
+    gsplat = result["environment"]["gsplat"]  # its Python only: the CPU pipeline stands in for its kernels
+    assert gsplat["ok"] and gsplat["how"].startswith("bare package") and gsplat["kernels"] == "not loaded (dry run)"
+    assert result["environment"]["modules"]["numpy"] == "missing"
     timing = result["timing"]
     assert set(timing["seconds"]) == {"ours cpu", "direct", "ours cpu:4"}
     for stats in timing["seconds"].values():
@@ -78,7 +103,8 @@ def test_cpu_dry_run_runs_end_to_end_with_torch_alone(tmp_path: Path):
     assert all(v > 0 for v in timing["median_ratios"].values())
     assert set(timing["memory"]) == set(timing["seconds"]) and all(m["peak_bytes"] > 0 for m in timing["memory"].values())
     text = (out / "gpu_check.txt").read_text()
-    assert "checks: 7 passed, 0 failed" in text and "verdict: OK" in text and "median ratios" in text
+    assert "checks: 10 passed, 0 failed" in text and "verdict: OK" in text and "median ratios" in text
+    assert "duplicated" in text and "grad cut margin" in text
 
 
 def test_gsplat_loads_from_a_carried_copy_without_numpy_rich_or_jaxtyping(tmp_path: Path):
