@@ -21,6 +21,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr double kAlphaMin = 1.0 / 255.0;  // a Gaussian below this alpha is skipped at a pixel
@@ -94,63 +96,44 @@ RasterInputs check_raster_inputs(const at::Tensor& means2d, const at::Tensor& co
   return in;
 }
 
-// A tile's Gaussians gathered into rows {mean x, mean y, conic a, b, c, opacity, x_lo, x_hi, y_lo,
-// y_hi, colour[D]}, so the per-pixel loops read contiguous memory. [x_lo, x_hi] x [y_lo, y_hi]
-// bounds the pixel centres where the Gaussian can reach alpha >= 1/255 (see `reach_box`).
-constexpr int64_t kRowHead = 10;
+using msplat_simd::any;
+using msplat_simd::fmadd;
+using msplat_simd::I8;
+using msplat_simd::kIota;
+using msplat_simd::kLanes;
+using msplat_simd::Lanes;
+using msplat_simd::splat;
+
+// A tile's Gaussians gathered into rows {mean x, mean y, conic a, b, c, opacity, colour[D]}, so the
+// per-pixel loops read contiguous memory.
+constexpr int64_t kRowHead = 6;
 
 // Conservative box around the ellipse 0.5 d^T Q d <= t, t = log(255 opacity), outside which the
 // Gaussian's alpha is below 1/255: half-widths sqrt(2 t (Q^-1)_xx) and sqrt(2 t (Q^-1)_yy). Every
 // pixel outside the box is one the reference skips, so the box only saves work. It is widened so
 // that rounding cannot break that: sigma as computed in scalar_t can be off by about
 // 12 eps cond(Q) relative (cancellation in elongated conics), so t grows by 16 eps cond(Q) + 0.1 %
-// (where that exceeds 50 %, or the conic is not positive definite, or inputs are NaN, the box is
-// unbounded), and the half-widths by 1 % plus 0.01 px plus the rounding of the mean.
+// (cond(Q) bounded by trace^2 / det; where that exceeds 50 %, or the conic is not positive definite,
+// or inputs are NaN, the box is unbounded), and the half-widths by 1 % plus 0.01 px plus the rounding
+// of the mean. The float log and square roots (relative error below 1e-6) are covered by the same
+// margins. Returns {x_lo, x_hi, y_lo, y_hi}.
 template <typename scalar_t>
-void reach_box(scalar_t* r) {
+inline void reach_box(const scalar_t* r, double* box) {
   const double a = r[2], b = r[3], c = r[4], det = a * c - b * b;
-  const double t = std::max(0.0, std::log(255.0 * double(r[5])));
+  const double t = std::max(0.0f, std::log(255.0f * float(r[5])));
   const double inf = std::numeric_limits<double>::infinity();
   const double eps = std::numeric_limits<scalar_t>::epsilon();
   double ex = inf, ey = inf;
   if (a > 0 && c > 0 && det > 0 && t < inf) {
-    const double lmax = 0.5 * (a + c) + std::sqrt(0.25 * (a - c) * (a - c) + b * b);
-    const double rel = 16.0 * eps * (lmax * lmax / det) + 1e-3;
+    const double rel = 16.0 * eps * ((a + c) * (a + c) / det) + 1e-3;
     if (rel < 0.5) {
-      const double t_safe = t * (1.0 + rel) + 1e-3;
+      const double scale = 2.0 * (t * (1.0 + rel) + 1e-3) / det;
       const double slack = 0.01 + 4.0 * eps * (std::abs(double(r[0])) + std::abs(double(r[1])));
-      ex = std::sqrt(2.0 * t_safe * c / det) * 1.01 + slack;
-      ey = std::sqrt(2.0 * t_safe * a / det) * 1.01 + slack;
+      ex = std::sqrt(float(scale * c)) * 1.01 + slack;
+      ey = std::sqrt(float(scale * a)) * 1.01 + slack;
     }
   }
-  r[6] = static_cast<scalar_t>(double(r[0]) - ex), r[7] = static_cast<scalar_t>(double(r[0]) + ex);
-  r[8] = static_cast<scalar_t>(double(r[1]) - ey), r[9] = static_cast<scalar_t>(double(r[1]) + ey);
-}
-
-template <typename scalar_t>
-void gather_tile(const RasterInputs& in, int64_t start, int64_t len, std::vector<scalar_t>& rows) {
-  const int64_t D = in.D, stride = kRowHead + D;
-  const scalar_t* m = in.means2d.data_ptr<scalar_t>();
-  const scalar_t* q = in.conics.data_ptr<scalar_t>();
-  const scalar_t* col = in.colors.data_ptr<scalar_t>();
-  const scalar_t* op = in.opacities.data_ptr<scalar_t>();
-  const int32_t* ids = in.flatten_ids.data_ptr<int32_t>();
-  rows.resize(len * stride);
-  constexpr int64_t ahead = 8;  // the Gaussians are scattered in memory: fetch a few rows early
-  for (int64_t k = 0; k < len; ++k) {
-    if (k + ahead < len) {
-      const int64_t f = ids[start + k + ahead];
-      __builtin_prefetch(&m[2 * f]), __builtin_prefetch(&q[3 * f]), __builtin_prefetch(&op[f]);
-      __builtin_prefetch(&col[D * f]);
-    }
-    const int64_t g = ids[start + k];
-    scalar_t* r = &rows[k * stride];
-    r[0] = m[2 * g], r[1] = m[2 * g + 1];
-    r[2] = q[3 * g], r[3] = q[3 * g + 1], r[4] = q[3 * g + 2];
-    r[5] = op[g];
-    reach_box(r);
-    for (int64_t d = 0; d < D; ++d) r[kRowHead + d] = col[D * g + d];
-  }
+  box[0] = double(r[0]) - ex, box[1] = double(r[0]) + ex, box[2] = double(r[1]) - ey, box[3] = double(r[1]) + ey;
 }
 
 // Pixels [s, e) within [a, b) whose centre x + 0.5 may lie in [lo, hi], with one pixel of slack
@@ -161,57 +144,11 @@ inline void pixel_span(double lo, double hi, int64_t a, int64_t b, int64_t& s, i
   e = fe < double(b) ? (fe > double(a) ? int64_t(fe) : a) : b;
 }
 
-constexpr int64_t kLanes = 8;  // pixels per vector step (one AVX2 register of float32)
-
-// kLanes values of scalar_t (GCC/Clang vector extension: the compiler emits the widest SIMD the
-// target has, with no scalar tail), its comparison masks (-1 / 0 per lane) and kLanes int32.
-template <typename scalar_t>
-struct Lanes {
-  typedef scalar_t V __attribute__((vector_size(sizeof(scalar_t) * kLanes)));
-  using M = decltype(V{} < V{});
-};
-typedef int32_t I8 __attribute__((vector_size(4 * kLanes)));
-constexpr I8 kIota = {0, 1, 2, 3, 4, 5, 6, 7};
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte double lanes without AVX-512: inline only, no ABI
-
-template <typename V>
-inline V splat(typename std::remove_reference<decltype(V{}[0])>::type x) {
-  return V{} + x;
-}
-
-// exp(-s), lane by lane. float: a Cephes-style polynomial (within 2 ulp of expf) in plain arithmetic,
-// so every lane rounds alike; s > 87 (alpha far below 1/255 for any opacity <= 1) gives 0 and NaN
-// gives 0 (such lanes are masked out). double: std::exp.
-inline void exp_neg(const Lanes<double>::V& s, Lanes<double>::V& out) {
-  for (int64_t l = 0; l < kLanes; ++l) out[l] = std::exp(-s[l]);
-}
-
-inline void exp_neg(const Lanes<float>::V& s, Lanes<float>::V& out) {
-  using V = Lanes<float>::V;
-  V x = -s;
-  x = x >= -87.0f ? x : splat<V>(-87.0f);  // NaN becomes -87 too
-  x = x <= 0.0f ? x : splat<V>(0.0f);
-  const V kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  V r = x - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V y = p * (r * r) + r + 1.0f;
-  const I8 bits = (__builtin_convertvector(kf, I8) + 127) << 23;  // 2^kf, kf in [-126, 0]
-  const V result = y * reinterpret_cast<const V&>(bits);
-  out = s > 87.0f ? splat<V>(0.0f) : (s >= 0.0f ? result : splat<V>(0.0f));
-}
-
 // Tile t (flattened over cameras): its camera, pixel rectangle [x0, x1) x [y0, y1) clipped to the
 // image, and its range [start, end) in the sorted intersections.
 struct TileWork {
   int64_t cam, x0, y0, x1, y1, start, end;
   bool empty() const { return x0 >= x1 || y0 >= y1; }
-  int64_t n_pixels() const { return (x1 - x0) * (y1 - y0); }
 };
 
 inline TileWork tile_work(const int32_t* offsets, int64_t t, int64_t n_tiles, int64_t n_total_tiles, int64_t tw,
@@ -222,8 +159,7 @@ inline TileWork tile_work(const int32_t* offsets, int64_t t, int64_t n_tiles, in
   return {t / n_tiles, x0, y0, std::min(x0 + tile_size, width), std::min(y0 + tile_size, height), start, end};
 }
 
-// 64-byte aligned storage, so that a vector of kLanes pixels starting at a multiple of kLanes is
-// aligned and the compiler neither peels scalar iterations nor versions the loop.
+// 64-byte aligned storage (vector types are over-aligned).
 template <typename T>
 struct AlignedAllocator {
   using value_type = T;
@@ -240,30 +176,144 @@ struct AlignedAllocator {
 template <typename T>
 using AlignedVector = std::vector<T, AlignedAllocator<T>>;
 
-// Per-thread state of one tile's pixels, rows padded to a multiple of kLanes (padding is never alive),
-// pixel p = (y - y0) * pw + (x - x0). Sized once per thread: no allocation per tile or pixel.
+// Per-thread state of one tile, sized once per thread (no allocation per tile or pixel). The tile's
+// pixels are cut into vectors of kLanes along its rows (vpr per row, the last one padded); vector v
+// covers row v / vpr, columns (v % vpr) * kLanes + [0, kLanes). masks[(v / 32) * len_pad + k] has
+// bit v % 32 set where Gaussian row k's reach box meets vector v (len_pad: len rounded up to 32, the
+// padding rows meet nothing). The hit_* arrays hold one vector's composited Gaussians (backward).
 template <typename scalar_t>
 struct TileScratch {
-  int64_t pw = 0, n = 0;
+  using V = typename Lanes<scalar_t>::V;
+  using M = typename Lanes<scalar_t>::M;
+  int64_t vpr = 0, nv = 0, len_pad = 0;
   std::vector<scalar_t> rows;
-  AlignedVector<scalar_t> T, acc;  // acc: [D][n] forward colours; [n][D] backward S
-  AlignedVector<int32_t> alive, last, limit;
-  void reset(const TileWork& w, int64_t D) {
-    pw = (w.x1 - w.x0 + kLanes - 1) / kLanes * kLanes;
-    n = pw * (w.y1 - w.y0);
-    T.assign(n, scalar_t(1));
-    acc.assign(n * D, scalar_t(0));
-    alive.resize(n);
-    last.assign(n, -1);
-    for (int64_t p = 0; p < n; ++p) alive[p] = (p % pw) < (w.x1 - w.x0);
+  std::vector<uint32_t> masks;
+  AlignedVector<V> acc;  // runtime-D accumulators
+  std::vector<int32_t> hit_k;
+  AlignedVector<M> hit_h;
+  AlignedVector<V> hit_vis, hit_T;
+
+  // Gathers rows [start, start + len) of the sorted intersections (the Gaussians are scattered in
+  // memory: a few rows are fetched early) and marks the vectors each one's reach box meets.
+  void gather(const RasterInputs& in, const TileWork& w, int64_t start, int64_t len) {
+    const int64_t D = in.D, stride = kRowHead + D;
+    const scalar_t* m = in.means2d.data_ptr<scalar_t>();
+    const scalar_t* q = in.conics.data_ptr<scalar_t>();
+    const scalar_t* col = in.colors.data_ptr<scalar_t>();
+    const scalar_t* op = in.opacities.data_ptr<scalar_t>();
+    const int32_t* ids = in.flatten_ids.data_ptr<int32_t>();
+    vpr = (w.x1 - w.x0 + kLanes - 1) / kLanes;
+    nv = vpr * (w.y1 - w.y0);
+    len_pad = (len + 31) / 32 * 32;
+    rows.resize(len * stride);
+    masks.assign((nv + 31) / 32 * len_pad, 0u);
+    constexpr int64_t ahead = 32;
+    for (int64_t k = 0; k < len; ++k) {
+      if (k + ahead < len) {
+        const int64_t f = ids[start + k + ahead];
+        __builtin_prefetch(&m[2 * f]), __builtin_prefetch(&q[3 * f]), __builtin_prefetch(&op[f]);
+        __builtin_prefetch(&col[D * f]);
+      }
+      const int64_t g = ids[start + k];
+      scalar_t* r = &rows[k * stride];
+      r[0] = m[2 * g], r[1] = m[2 * g + 1];
+      r[2] = q[3 * g], r[3] = q[3 * g + 1], r[4] = q[3 * g + 2];
+      r[5] = op[g];
+      for (int64_t d = 0; d < D; ++d) r[kRowHead + d] = col[D * g + d];
+      double box[4];
+      reach_box(r, box);
+      int64_t xs, xe, ys, ye;
+      pixel_span(box[0], box[1], w.x0, w.x1, xs, xe);
+      pixel_span(box[2], box[3], w.y0, w.y1, ys, ye);
+      if (xs >= xe || ys >= ye) continue;
+      const int64_t vs = (xs - w.x0) / kLanes, ve = (xe - w.x0 + kLanes - 1) / kLanes;
+      uint32_t word = 0;  // bits of mask word `at` (vectors come in increasing order)
+      int64_t at = -1;
+      for (int64_t y = ys - w.y0; y < ye - w.y0; ++y)
+        for (int64_t v = y * vpr + vs; v < y * vpr + ve; ++v) {
+          if ((v >> 5) != at) {
+            if (at >= 0) masks[at * len_pad + k] |= word;
+            at = v >> 5, word = 0;
+          }
+          word |= 1u << (v & 31);
+        }
+      masks[at * len_pad + k] |= word;
+    }
+  }
+
+  // Bits j of the result: row k0 + j meets vector v, for j < 32 (k0 a multiple of 32).
+  uint32_t meets(int64_t v, int64_t k0) const {
+    const uint32_t* mw = &masks[(v >> 5) * len_pad + k0];
+    const uint32_t bit = 1u << (v & 31);
+#if defined(__AVX2__)
+    const __m256i b = _mm256_set1_epi32(static_cast<int>(bit));
+    uint32_t out = 0;
+    for (int j = 0; j < 4; ++j) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mw + 8 * j));
+      const __m256i hit = _mm256_cmpeq_epi32(_mm256_and_si256(x, b), b);
+      out |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(hit))) << (8 * j);
+    }
+    return out;
+#else
+    uint32_t out = 0;
+    for (int j = 0; j < 32; ++j) out |= uint32_t((mw[j] & bit) != 0) << j;
+    return out;
+#endif
   }
 };
 
-// One composited (Gaussian, pixel) pair recorded by the backward pass's sweep.
+// Calls f(k) for each row k < len whose reach box meets vector v, in order, while f returns true.
+template <typename scalar_t, typename F>
+inline void for_each_row(const TileScratch<scalar_t>& s, int64_t v, F&& f) {
+  for (int64_t k0 = 0; k0 < s.len_pad; k0 += 32)
+    for (uint32_t bits = s.meets(v, k0); bits; bits &= bits - 1)
+      if (!f(static_cast<int32_t>(k0 + __builtin_ctz(bits)))) return;
+}
+
+// One vector of a tile's pixels: centres px (per lane) and py, lanes that are pixels of the image.
 template <typename scalar_t>
-struct Hit {
-  int32_t p;  // pixel in the tile scratch
-  scalar_t dx, dy, vis, alpha, T;  // T: transmittance in front of this Gaussian
+struct PixelVector {
+  typename Lanes<scalar_t>::V px;
+  scalar_t py;
+  typename Lanes<scalar_t>::M inside;
+  int64_t y, x;  // first pixel
+  PixelVector(const TileWork& w, int64_t vpr, int64_t v) {
+    using V = typename Lanes<scalar_t>::V;
+    using M = typename Lanes<scalar_t>::M;
+    y = w.y0 + v / vpr, x = w.x0 + (v % vpr) * kLanes;
+    px = __builtin_convertvector(kIota + static_cast<int32_t>(x), V) + scalar_t(0.5);
+    py = static_cast<scalar_t>(y) + scalar_t(0.5);
+    inside = __builtin_convertvector(kIota + static_cast<int32_t>(x) < static_cast<int32_t>(w.x1), M);
+  }
+};
+
+// Gaussian row r at a vector of pixels, one front-to-back compositing step: lanes still alive and
+// `open` (before their limit) that pass the alpha test composite (h) unless the transmittance would
+// fall to 1e-4 or below, which ends them. Forward and backward both call this, so they take the same
+// decisions bit for bit; and each pixel meets its Gaussians in list order, as in gsplat's walk.
+template <typename scalar_t>
+struct Step {
+  using V = typename Lanes<scalar_t>::V;
+  using M = typename Lanes<scalar_t>::M;
+  V dx, vis, alpha, T_before;
+  M h;
+  inline void run(const scalar_t* r, const PixelVector<scalar_t>& pv, const M& open, V& T, M& alive) {
+    const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
+    const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
+    const scalar_t dy = r[1] - pv.py;
+    dx = r[0] - pv.px;
+    const V sigma = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;  // as gsplat rounds it
+    msplat_simd::exp_neg(sigma, vis);
+    const V raw = r[5] * vis;
+    alpha = raw > a_max ? splat<V>(a_max) : raw;
+    T_before = T;
+    const V next_T = T_before * (scalar_t(1) - alpha);
+    const M live = alive & open;
+    const M ok = live & (sigma >= scalar_t(0)) & (alpha >= a_min);
+    h = ok & (next_T > t_min);
+    alive = live ^ (ok ^ h);  // ends where ok and not h (transmittance floor), or at the limit
+    T = h ? next_T : T_before;
+  }
 };
 
 // Evaluations the kernels performed: {forward pairs, forward lanes, backward pairs, backward lanes}.
@@ -271,89 +321,60 @@ struct Hit {
 // count every SIMD lane computed, padding and finished pixels included.
 std::atomic<int64_t> g_counts[4];
 
-// Front-to-back compositing of one tile, Gaussian by Gaussian: each Gaussian visits the vectors of
-// pixels covering its reach box's rows and columns, and every pixel meets its Gaussians in list order,
-// so the result is that of gsplat's per-pixel walk. A pixel stops before the Gaussian that would bring
-// its transmittance to <= 1e-4, or (backward pass: Record) at list row limit[p]. Forward: acc and
-// last collect colours and last rows; Record: hits are appended Gaussian by Gaussian, pixels in
-// order, and seg[k] is where Gaussian k's begin. Forward and backward run this same code, so they
-// take the same decisions bit for bit.
-template <typename scalar_t, bool Record>
-void sweep_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t len, int64_t D, const TileWork& w,
-                std::vector<Hit<scalar_t>>* hits, std::vector<int64_t>* seg, int64_t* counts) {
-  const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
-  const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
-  const int64_t pw = s.pw, n = s.n, x0 = w.x0, y0 = w.y0;
-  scalar_t* T = s.T.data();
-  scalar_t* acc = s.acc.data();
-  int32_t* alive = s.alive.data();
-  int32_t* last = s.last.data();
-  const int32_t* limit = s.limit.data();
-  int64_t active = w.n_pixels(), evaluated = 0, lanes = 0;
-  if (Record) hits->clear(), seg->assign(len + 1, -1);
-  for (int64_t k = 0; k < len && active > 0; ++k) {
-    if (Record) (*seg)[k] = static_cast<int64_t>(hits->size());
-    const scalar_t* r = &s.rows[k * stride];
-    int64_t xs, xe, ys, ye;
-    pixel_span(r[6], r[7], x0, w.x1, xs, xe);
-    pixel_span(r[8], r[9], y0, w.y1, ys, ye);
-    if (xs >= xe || ys >= ye) continue;
-    const int64_t cs = (xs - x0) / kLanes * kLanes, ce = xe - x0;  // vectors [cs, ce) of each row
-    const scalar_t mx = r[0], my = r[1], qa = r[2], qb = r[3], qc = r[4], op = r[5];
-    const int32_t kk = static_cast<int32_t>(k);
-    typename Lanes<scalar_t>::M ended_v{}, tried_v{};
-    for (int64_t y = ys; y < ye; ++y) {
-      const scalar_t py = static_cast<scalar_t>(y) + scalar_t(0.5);
-      const scalar_t dy = my - py;
-      for (int64_t c = cs; c < ce; c += kLanes) {
-        const int64_t base = (y - y0) * pw + c;
-        scalar_t* const Tb = static_cast<scalar_t*>(__builtin_assume_aligned(T + base, 32));
-        int32_t* const alive_b = static_cast<int32_t*>(__builtin_assume_aligned(alive + base, 32));
-        int32_t* const last_b = static_cast<int32_t*>(__builtin_assume_aligned(last + base, 32));
-        const int32_t* const limit_b = Record ? static_cast<const int32_t*>(__builtin_assume_aligned(limit + base, 32)) : nullptr;
-        using V = typename Lanes<scalar_t>::V;
-        using M = typename Lanes<scalar_t>::M;
-        const V px = __builtin_convertvector(kIota + static_cast<int32_t>(x0 + c), V) + scalar_t(0.5);
-        const V dx = mx - px;
-        const V sigma = scalar_t(0.5) * (qa * (dx * dx) + qc * (dy * dy)) + qb * dx * dy;
-        V vis;
-        exp_neg(sigma, vis);
-        const V raw = op * vis;
-        const V alpha = raw > a_max ? splat<V>(a_max) : raw;  // NaN stays NaN
-        const V T_before = *reinterpret_cast<const V*>(Tb);
-        const V next_T = T_before * (scalar_t(1) - alpha);
-        const M was_alive = __builtin_convertvector(*reinterpret_cast<const I8*>(alive_b), M) != 0;
-        const M at_limit = Record ? __builtin_convertvector(kk >= *reinterpret_cast<const I8*>(limit_b), M) : M{};
-        const M ok = was_alive & ~at_limit & (sigma >= scalar_t(0)) & (alpha >= a_min);
-        const M stop = ok & ~(next_T > t_min);
-        const M h = ok & ~stop;
-        const M ends = was_alive & (at_limit | stop);
-        ended_v += ends, tried_v += was_alive;  // -1 per lane
-        *reinterpret_cast<I8*>(alive_b) = __builtin_convertvector(was_alive & ~at_limit & ~stop, I8);
-        *reinterpret_cast<V*>(Tb) = h ? next_T : T_before;
-        const V wv = h ? alpha * T_before : V{};  // no subnormal products from far lanes
-        if (!Record) {
-          const I8 hk = __builtin_convertvector(h, I8);
-          *reinterpret_cast<I8*>(last_b) = hk ? splat<I8>(kk) : *reinterpret_cast<const I8*>(last_b);
-        }
+// Adds the lanes set in a mask (-1 each) to a per-lane tally.
+template <typename M>
+inline void tally(I8& counter, const M& m) {
+  counter += __builtin_convertvector(m, I8);
+}
+
+inline int64_t tally_total(const I8& counter) {
+  int64_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total -= counter[l];
+  return total;
+}
+
+// Forward compositing of one tile (gathered rows, lists built), vector by vector: each vector's
+// transmittance, colours and last row stay in registers while it walks its Gaussians in list order,
+// until every lane has finished. DC: the colour channels at compile time (0: D at run time).
+template <typename scalar_t, int DC>
+void forward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const TileWork& w, const scalar_t* bg,
+                  int64_t width, int64_t height, scalar_t* out_c, scalar_t* out_a, int32_t* out_last,
+                  int64_t* counts) {
+  using V = typename Lanes<scalar_t>::V;
+  using M = typename Lanes<scalar_t>::M;
+  const int64_t D = DC > 0 ? DC : D_run;
+  V acc_fixed[DC > 0 ? DC : 1];
+  if (DC == 0) s.acc.resize(D);
+  V* acc = DC > 0 ? acc_fixed : s.acc.data();
+  const M open = ~M{};
+  I8 tried{};
+  int64_t lanes = 0;
+  for (int64_t v = 0; v < s.nv; ++v) {
+    const PixelVector<scalar_t> pv(w, s.vpr, v);
+    V T = splat<V>(scalar_t(1));
+    M alive = pv.inside;
+    I8 last = splat<I8>(-1);
+    for (int64_t d = 0; d < D; ++d) acc[d] = V{};
+    Step<scalar_t> st;
+    if (any(alive))
+      for_each_row(s, v, [&](int32_t k) {
+        const scalar_t* r = &s.rows[k * stride];
+        tally(tried, alive);
         lanes += kLanes;
-        if (Record) {
-          for (int64_t l = 0; l < kLanes; ++l)
-            if (h[l]) hits->push_back({static_cast<int32_t>(base + l), dx[l], dy, vis[l], alpha[l], T_before[l]});
-        } else {
-          for (int64_t d = 0; d < D; ++d) {
-            V* a = reinterpret_cast<V*>(&acc[d * n + base]);
-            *a = h ? *a + r[kRowHead + d] * wv : *a;
-          }
-        }
-      }
+        st.run(r, pv, open, T, alive);
+        const V wv = st.h ? st.alpha * st.T_before : V{};  // 0 where not composited: acc unchanged
+        for (int64_t d = 0; d < D; ++d) acc[d] = fmadd(splat<V>(r[kRowHead + d]), wv, acc[d]);
+        last = __builtin_convertvector(st.h, I8) ? splat<I8>(k) : last;
+        return any(alive);
+      });
+    for (int64_t l = 0; l < kLanes && pv.x + l < w.x1; ++l) {
+      const int64_t pix = (w.cam * height + pv.y) * width + pv.x + l;
+      for (int64_t d = 0; d < D; ++d) out_c[pix * D + d] = bg ? acc[d][l] + T[l] * bg[w.cam * D + d] : acc[d][l];
+      out_a[pix] = scalar_t(1) - T[l];
+      out_last[pix] = last[l] < 0 ? -1 : static_cast<int32_t>(w.start + last[l]);
     }
-    for (int64_t l = 0; l < kLanes; ++l) active += ended_v[l], evaluated -= tried_v[l];
   }
-  if (Record)  // rows after an early exit (every pixel finished) and the end get the final size
-    for (int64_t k = 0; k <= len; ++k)
-      if ((*seg)[k] < 0) (*seg)[k] = static_cast<int64_t>(hits->size());
-  counts[Record ? 2 : 0] += evaluated, counts[Record ? 3 : 1] += lanes;
+  counts[0] += tally_total(tried), counts[1] += lanes;
 }
 
 template <typename scalar_t>
@@ -370,26 +391,17 @@ void rasterize_fwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
 #pragma omp parallel
   {
     TileScratch<scalar_t> s;
-    int64_t counts[4] = {0, 0, 0, 0};
+    int64_t counts[2] = {0, 0};
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < n_total; ++t) {
       const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
       if (w.empty()) continue;
-      const int64_t cam = w.cam, start = w.start, len = w.end - start;
-      gather_tile(in, start, len, s.rows);
-      s.reset(w, D);
-      sweep_tile<scalar_t, false>(s, stride, len, D, w, nullptr, nullptr, counts);
-      for (int64_t y = w.y0; y < w.y1; ++y) {
-        for (int64_t x = w.x0; x < w.x1; ++x) {
-          const int64_t p = (y - w.y0) * s.pw + (x - w.x0), pix = (cam * height + y) * width + x;
-          for (int64_t d = 0; d < D; ++d) {
-            const scalar_t a = s.acc[d * s.n + p];
-            out_c[pix * D + d] = bg ? a + s.T[p] * bg[cam * D + d] : a;
-          }
-          out_a[pix] = scalar_t(1) - s.T[p];
-          out_last[pix] = s.last[p] < 0 ? -1 : static_cast<int32_t>(start + s.last[p]);
-        }
-      }
+      const int64_t len = w.end - w.start;
+      s.gather(in, w, w.start, len);
+      if (D == 3)
+        forward_tile<scalar_t, 3>(s, stride, D, w, bg, width, height, out_c, out_a, out_last, counts);
+      else
+        forward_tile<scalar_t, 0>(s, stride, D, w, bg, width, height, out_c, out_a, out_last, counts);
     }
     for (int i = 0; i < 2; ++i) g_counts[i] += counts[i];
   }
@@ -437,9 +449,119 @@ struct GradLayout {
 // The pixel's T_k are recomputed front to back exactly as the forward pass did, so no division by
 // (1 - a_k) is needed. Then a_k = min(0.999, o_k exp(-sigma_k)) passes gradient to o_k and sigma_k
 // only where o_k exp(-sigma_k) <= 0.999.
-//
-// The sweep records hits Gaussian by Gaussian; walking the Gaussians back to front (each one's
-// pixels in order) keeps every pixel back to front and adds each Gaussian's pixels in pixel order.
+
+// The pixels' inputs of the backward pass.
+template <typename scalar_t>
+struct PixelGrads {
+  const scalar_t *vc, *va, *bg;  // [C, H, W, D], [C, H, W], [C, D] or null
+  const int32_t* last;           // [C, H, W]
+  int64_t width, height;
+};
+
+// Each pixel's limit in a tile's rows: one past its last composited row (forward pass), in [0, len].
+inline int32_t pixel_limit(int32_t last, const TileWork& w) {
+  return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(int64_t(last) + 1, w.start), w.end) - w.start);
+}
+
+// Backward of one tile (rows gathered, lists built), vector by vector: the forward walk is replayed up
+// to each lane's limit, keeping the composited Gaussians (h, vis, T in front); then back to front,
+// with S and B in registers, each Gaussian's per-lane gradients are summed over the lanes (a fixed
+// tree) and added to its row of tile_grad (scalar_t, [len, K]), vectors in order. So a row's value
+// depends on the tile alone, not on threads or on which member renders the tile.
+template <typename scalar_t, int DC>
+void backward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const TileWork& w,
+                   const PixelGrads<scalar_t>& in, const GradLayout& L, bool absgrad, scalar_t* tile_grad,
+                   double* tbg, int64_t* counts) {
+  using V = typename Lanes<scalar_t>::V;
+  using M = typename Lanes<scalar_t>::M;
+  constexpr int64_t kMaxK = 16;
+  const int64_t D = DC > 0 ? DC : D_run, K = L.width;
+  const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
+  V vc_fixed[DC > 0 ? DC : 1], S_fixed[DC > 0 ? DC : 1], g_fixed[DC > 0 ? 6 + DC + 2 : 1];
+  if (DC == 0) s.acc.resize(2 * D + K);
+  V* vc = DC > 0 ? vc_fixed : s.acc.data();
+  V* S = DC > 0 ? S_fixed : s.acc.data() + D;
+  V* g = DC > 0 ? g_fixed : s.acc.data() + 2 * D;
+  static_assert(DC == 0 || 6 + DC + 2 <= kMaxK, "gradient rows fit the lane sums below");
+  I8 tried{};
+  int64_t lanes = 0;
+  for (int64_t v = 0; v < s.nv; ++v) {
+    const PixelVector<scalar_t> pv(w, s.vpr, v);
+    const int64_t pix0 = (w.cam * in.height + pv.y) * in.width + pv.x;
+    I8 limit{};
+    V va{}, bg_dot{};
+    for (int64_t d = 0; d < D; ++d) vc[d] = V{};
+    for (int64_t l = 0; l < kLanes && pv.x + l < w.x1; ++l) {
+      const int64_t pix = pix0 + l;
+      limit[l] = pixel_limit(in.last[pix], w);
+      va[l] = in.va[pix];
+      for (int64_t d = 0; d < D; ++d) {
+        vc[d][l] = in.vc[pix * D + d];
+        if (in.bg) bg_dot[l] += in.bg[w.cam * D + d] * vc[d][l];
+      }
+    }
+    // Replay front to back.
+    V T = splat<V>(scalar_t(1));
+    M alive = pv.inside;
+    int64_t n_hits = 0;
+    Step<scalar_t> st;
+    if (any(alive))
+      for_each_row(s, v, [&](int32_t k) {
+        const M open = __builtin_convertvector(splat<I8>(k) < limit, M);
+        tally(tried, alive);
+        lanes += kLanes;
+        st.run(&s.rows[k * stride], pv, open, T, alive);
+        if (any(st.h)) {
+          s.hit_k[n_hits] = k, s.hit_h[n_hits] = st.h, s.hit_vis[n_hits] = st.vis, s.hit_T[n_hits] = st.T_before;
+          ++n_hits;
+        }
+        return any(alive);
+      });
+    for (int64_t l = 0; l < kLanes && pv.x + l < w.x1; ++l)
+      for (int64_t d = 0; d < D; ++d) tbg[d] += double(T[l] * vc[d][l]);
+    // Back to front.
+    V B = splat<V>(scalar_t(1));
+    for (int64_t d = 0; d < D; ++d) S[d] = V{};
+    for (int64_t j = n_hits - 1; j >= 0; --j) {
+      const scalar_t* r = &s.rows[s.hit_k[j] * stride];
+      const M h = s.hit_h[j];
+      const V vis = s.hit_vis[j], Tk = s.hit_T[j];
+      const V dx = r[0] - pv.px;
+      const scalar_t dy = r[1] - pv.py;
+      const V raw = r[5] * vis;
+      const V alpha = raw > a_max ? splat<V>(a_max) : raw;
+      const V w8 = alpha * Tk;
+      V v_alpha_c{};
+      for (int64_t d = 0; d < D; ++d) {
+        g[L.color + d] = h ? w8 * vc[d] : V{};
+        v_alpha_c += (r[kRowHead + d] - S[d]) * vc[d];
+      }
+      const V v_alpha = Tk * (v_alpha_c - B * bg_dot + B * va);
+      const M geo = h & (raw <= a_max);
+      const V v_sigma = -raw * v_alpha;
+      const V gx = v_sigma * (r[2] * dx + r[3] * dy), gy = v_sigma * (r[3] * dx + r[4] * dy);
+      g[L.conic] = geo ? scalar_t(0.5) * v_sigma * dx * dx : V{};
+      g[L.conic + 1] = geo ? v_sigma * dx * dy : V{};
+      g[L.conic + 2] = geo ? scalar_t(0.5) * v_sigma * dy * dy : V{};
+      g[L.mean] = geo ? gx : V{};
+      g[L.mean + 1] = geo ? gy : V{};
+      g[L.opacity] = geo ? vis * v_alpha : V{};
+      if (absgrad) {
+        g[L.abs] = geo ? (gx < scalar_t(0) ? -gx : gx) : V{};
+        g[L.abs + 1] = geo ? (gy < scalar_t(0) ? -gy : gy) : V{};
+      }
+      const V one_minus = scalar_t(1) - alpha;
+      for (int64_t d = 0; d < D; ++d) S[d] = h ? r[kRowHead + d] * alpha + one_minus * S[d] : S[d];
+      B = h ? B * one_minus : B;
+      scalar_t* gr = &tile_grad[s.hit_k[j] * K];
+      const int64_t first_single = K >= 8 ? 8 : 0;
+      if (K >= 8) msplat_simd::add_lane_sums8(g, gr);
+      for (int64_t q = first_single; q < K; ++q) gr[q] += msplat_simd::lane_sum(g[q]);
+    }
+  }
+  counts[2] += tally_total(tried), counts[3] += lanes;
+}
+
 // Per-Gaussian sums, independent of threads and of how tiles are split among members: tiles go in
 // batches of kBatchTiles (a constant, not the thread count); each tile of a batch writes its rows
 // (in scalar_t) into the batch's `grads`, one row per intersection, and after the batch each
@@ -457,11 +579,9 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
   const int64_t K = L.width;
   const int32_t* offsets = in.offsets.data_ptr<int32_t>();
   const int32_t* flat = in.flatten_ids.data_ptr<int32_t>();
-  const int32_t* last_p = last_ids.data_ptr<int32_t>();
-  const scalar_t* bg = in.backgrounds.defined() ? in.backgrounds.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* vc = v_colors_out.data_ptr<scalar_t>();
-  const scalar_t* va = v_alphas_out.data_ptr<scalar_t>();
-  const scalar_t alpha_max = static_cast<scalar_t>(kAlphaMax);
+  const PixelGrads<scalar_t> pixels{v_colors_out.data_ptr<scalar_t>(), v_alphas_out.data_ptr<scalar_t>(),
+                                    in.backgrounds.defined() ? in.backgrounds.data_ptr<scalar_t>() : nullptr,
+                                    last_ids.data_ptr<int32_t>(), width, height};
 
   const auto position = [&](int64_t t) -> int64_t { return t < n_total ? offsets[t] : M; };
   int64_t batch_rows = 0;
@@ -477,9 +597,6 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
 #pragma omp parallel
   {
     TileScratch<scalar_t> s;
-    std::vector<Hit<scalar_t>> hits;
-    std::vector<int64_t> seg;
-    std::vector<scalar_t> v_c, v_a, bg_dot, B;
     int64_t counts[4] = {0, 0, 0, 0};
     const int64_t n_threads = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t g_lo = CN * tid / n_threads, g_hi = CN * (tid + 1) / n_threads;  // this thread's sums
@@ -488,78 +605,21 @@ void rasterize_bwd_impl(const RasterInputs& in, int64_t width, int64_t height, i
 #pragma omp for schedule(dynamic)
       for (int64_t t = b0; t < b1; ++t) {
         const TileWork w = tile_work(offsets, t, n_tiles, n_total, tw, tile_size, width, height, M);
-        const int64_t cam = w.cam, start = std::max(w.start, p0), end = std::min(w.end, p1);
+        const int64_t start = std::max(w.start, p0), end = std::min(w.end, p1);
         if (end > start) std::fill(grads_p + (start - p0) * K, grads_p + (end - p0) * K, scalar_t(0));
         if (w.empty() || w.start < p0 || w.end > p1) continue;  // (offsets from isect_offset_encode are sorted)
-        s.reset(w, D);
-        // Re-run the forward sweep up to each pixel's last composited row, recording the hits.
-        s.limit.assign(s.n, 0);
-        v_c.assign(s.n * D, scalar_t(0));
-        v_a.assign(s.n, scalar_t(0));
-        bg_dot.assign(s.n, scalar_t(0));
-        B.assign(s.n, scalar_t(1));
-        int64_t len = 0;
-        for (int64_t y = w.y0; y < w.y1; ++y) {
-          for (int64_t x = w.x0; x < w.x1; ++x) {
-            const int64_t p = (y - w.y0) * s.pw + (x - w.x0), pix = (cam * height + y) * width + x;
-            const int64_t last = last_p[pix];
-            s.limit[p] = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(last + 1, start), end) - start);
-            len = std::max<int64_t>(len, s.limit[p]);
-            for (int64_t d = 0; d < D; ++d) {
-              v_c[p * D + d] = vc[pix * D + d];
-              if (bg) bg_dot[p] += bg[cam * D + d] * v_c[p * D + d];
-            }
-            v_a[p] = va[pix];
-          }
-        }
-        gather_tile(in, start, len, s.rows);
-        sweep_tile<scalar_t, true>(s, stride, len, D, w, &hits, &seg, counts);
-        double* tbg = tile_bg_p + t * D;
+        int64_t len = 0;  // rows up to the last composited one of any pixel
         for (int64_t y = w.y0; y < w.y1; ++y)
-          for (int64_t x = w.x0; x < w.x1; ++x) {
-            const int64_t p = (y - w.y0) * s.pw + (x - w.x0);
-            for (int64_t d = 0; d < D; ++d) tbg[d] += double(s.T[p] * v_c[p * D + d]);
-          }
-        // Back to front over Gaussians; S (in s.acc, [n][D] here) and B per pixel.
-        scalar_t* S = s.acc.data();
-        scalar_t* tile_grad = grads_p + (start - p0) * K;
-        for (int64_t k = len - 1; k >= 0; --k) {
-          const scalar_t* r = &s.rows[k * stride];
-          scalar_t* gr = &tile_grad[k * K];
-          for (int64_t i = seg[k]; i < seg[k + 1]; ++i) {
-            const Hit<scalar_t>& h = hits[i];
-            const int64_t p = h.p;
-            scalar_t* Sp = &S[p * D];
-            const scalar_t* vcp = &v_c[p * D];
-            const scalar_t w8 = h.alpha * h.T;
-            scalar_t v_alpha_c = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              gr[L.color + d] += w8 * vcp[d];
-              v_alpha_c += (r[kRowHead + d] - Sp[d]) * vcp[d];
-            }
-            const scalar_t v_alpha = h.T * (v_alpha_c - B[p] * bg_dot[p] + B[p] * v_a[p]);
-            const scalar_t raw_alpha = r[5] * h.vis;
-            if (raw_alpha <= alpha_max) {
-              const scalar_t v_sigma = -raw_alpha * v_alpha;
-              const scalar_t dx = h.dx, dy = h.dy;
-              gr[L.conic] += scalar_t(0.5) * v_sigma * dx * dx;
-              gr[L.conic + 1] += v_sigma * dx * dy;
-              gr[L.conic + 2] += scalar_t(0.5) * v_sigma * dy * dy;
-              const scalar_t gx = v_sigma * (r[2] * dx + r[3] * dy);
-              const scalar_t gy = v_sigma * (r[3] * dx + r[4] * dy);
-              gr[L.mean] += gx;
-              gr[L.mean + 1] += gy;
-              if (absgrad) {
-                gr[L.abs] += std::abs(gx);
-                gr[L.abs + 1] += std::abs(gy);
-              }
-              gr[L.opacity] += h.vis * v_alpha;
-            }
-            const scalar_t one_minus = scalar_t(1) - h.alpha;
-            for (int64_t d = 0; d < D; ++d) Sp[d] = r[kRowHead + d] * h.alpha + one_minus * Sp[d];
-            B[p] *= one_minus;
-          }
-        }
+          for (int64_t x = w.x0; x < w.x1; ++x)
+            len = std::max<int64_t>(len, pixel_limit(pixels.last[(w.cam * height + y) * width + x], w));
+        s.gather(in, w, w.start, len);
+        s.hit_k.resize(len), s.hit_h.resize(len), s.hit_vis.resize(len), s.hit_T.resize(len);
+        scalar_t* tile_grad = grads_p + (w.start - p0) * K;
+        double* tbg = tile_bg_p + t * D;
+        if (D == 3)
+          backward_tile<scalar_t, 3>(s, stride, D, w, pixels, L, absgrad, tile_grad, tbg, counts);
+        else
+          backward_tile<scalar_t, 0>(s, stride, D, w, pixels, L, absgrad, tile_grad, tbg, counts);
       }
       // (the omp for's barrier: every row of the batch is written) Each thread adds the rows of its
       // own Gaussians in intersection order; the barrier keeps the next batch from overwriting them.
