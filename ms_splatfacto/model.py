@@ -254,7 +254,7 @@ class MsSplatfactoModel(SplatfactoModel):
         # Training images stay with the members that render them ([C * H, W, ...] over pixel rows); the
         # bilateral grid needs whole images.
         split = self.training and not self.config.use_bilateral_grid
-        render, alpha, self.info = rasterization(
+        render, alpha, info = rasterization(
             means=params["means"],
             quats=params["quats"],
             scales=torch.exp(params["scales"]),
@@ -273,6 +273,10 @@ class MsSplatfactoModel(SplatfactoModel):
             split_images=split,
             sh_rest=sh_rest,
         )
+        # The info lives through the backward: keep what densification reads, not the projected depths,
+        # conics and opacities (20 B per Gaussian and camera at the step's memory peak).
+        self.info = {k: v for k, v in info.items() if k not in ("depths", "conics", "opacities")}
+        del info
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
 

@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from ms_splatfacto.backend.aggregate import exchange
 from ms_splatfacto.backend.aggregate.layout import Layout
@@ -60,8 +61,8 @@ class _PerMember(torch.autograd.Function):
                     builders = [LocalRows(layout) for _ in outs]
                 if not builders[0].fuse:  # the chunk is the graph's output itself (fused: a copy into the whole)
                     outs = tuple(o.contiguous() for o in outs)
-            if track:
-                ctx.graphs.append((d, leaves + local, outs))
+            if track:  # the graph's ends, not the outputs: their [n, ...] storage is not held until backward
+                ctx.graphs.append((d, leaves + local, [get_gradient_edge(o) if o.requires_grad else None for o in outs]))
             for builder, o in zip(builders, outs):
                 builder.put(d, o.detach())
         streams.join()
@@ -81,7 +82,7 @@ class _PerMember(torch.autograd.Function):
         grads = tuple(relayout(g, layout) if is_aggregate(g) else g for g in grads)  # collective: once, not per member
         streams = member_streams(m)
         for d, leaves, outs in ctx.graphs:
-            pairs = [(o, rows_for(g, layout, d)) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
+            pairs = [(o, rows_for(g, layout, d)) for o, g in zip(outs, grads) if o is not None and g is not None]
             wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
             with streams.run(d):
                 found = torch.autograd.grad(

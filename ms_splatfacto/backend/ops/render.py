@@ -21,7 +21,7 @@ from ms_splatfacto.backend.aggregate.members import members as members_of
 from ms_splatfacto.backend.kernels import get_kernels, kernels_for
 from ms_splatfacto.backend.rendering import RenderMode, backgrounds_for, expected_depth
 from ms_splatfacto.backend.ops.per_member import per_member
-from ms_splatfacto.backend.ops.sh_parts import sh_from_parts
+from ms_splatfacto.backend.ops.sh_parts import offset_clamp_min, sh_from_parts
 from ms_splatfacto.backend.ops.tile_raster import tile_rasterize
 from ms_splatfacto.backend.ops.tiles import plan_tiles
 
@@ -99,7 +99,7 @@ def rasterization(
                     feats = sh_from_parts(kernel_set.spherical_harmonics, sh_degree, dirs, colors, rest[0], masks=radii > 0)
                 else:
                     feats = kernel_set.spherical_harmonics(sh_degree, dirs, colors, masks=radii > 0)
-                feats = torch.clamp_min(feats + 0.5, 0.0)
+                feats = offset_clamp_min(feats, 0.5)
             if with_depth:
                 feats = torch.cat((feats, depths[..., None]), dim=-1)
         return tuple(x.transpose(0, 1) for x in (means2d, conics, feats, opac, depths, radii))  # per_member copies them once
@@ -116,12 +116,12 @@ def rasterization(
         "gaussian_major": True,
         "radii": radii,
         "means2d": means2d,
-        "depths": depths,
-        "conics": conics,
-        "opacities": opac,
         "tile_width": math.ceil(width / tile_size),
         "tile_height": math.ceil(height / tile_size),
         "tile_size": tile_size,
+        "depths": depths,
+        "conics": conics,
+        "opacities": opac,
         "tile_plan": plan,
         "n_isects": plan.n_isects,
         "width": width,

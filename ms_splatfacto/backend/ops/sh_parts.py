@@ -79,3 +79,27 @@ def sh_from_parts(
     assert masks is None or masks.shape == (C, n), f"masks must be [{C}, {n}], got {tuple(masks.shape)}"
     assert chunk_rows >= 1, f"chunk_rows must be positive, got {chunk_rows}"
     return _ShFromParts.apply(kernel, int(degree), int(chunk_rows), dirs, dc, rest, masks)
+
+
+class _OffsetClampMin(torch.autograd.Function):
+    """clamp_min(x + offset, 0) keeping a bool mask for backward instead of autograd's saved float input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, offset: float) -> Tensor:
+        shifted = x + offset
+        keep = shifted > 0  # autograd's clamp_min passes the gradient where its input > min (not at it, not NaN)
+        ctx.save_for_backward(keep)
+        return shifted.clamp_min_(0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v_out: Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, v_out, 0.0), None
+
+
+def offset_clamp_min(x: Tensor, offset: float) -> Tensor:  # x: [...] float
+    """`torch.clamp_min(x + offset, 0.0)`, the same values and gradients bit for bit, holding 1 byte per
+    element until backward where autograd holds the 4-byte input (12 B per Gaussian and camera for
+    SH colours)."""
+    return _OffsetClampMin.apply(x, float(offset))

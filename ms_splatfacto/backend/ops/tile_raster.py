@@ -189,9 +189,12 @@ class _TileRasterize(torch.autograd.Function):
                 sums.clear()  # the partials alone hold them now: each is freed once its field is reduced
             partials[r] = found
         ctx.graphs = []
+        if partials:  # the loop's last records and outputs would live through the reduce-scatter
+            del records, colors_r, alphas_r, found, sums
         streams.join()
         wide = torch.float64 if getattr(ctx.kernels, "KEEPS_FLOAT64_SUMS", False) else ctx.dtype
         out = _reduce_scatter(plan, partials, ctx.row_shapes[:n_fields], wide, ctx.dtype)
+        plan.release_render_tensors()
         if ctx.absgrad:
             ctx.means2d.absgrad = out[4]
         ctx.means2d = None

@@ -47,9 +47,9 @@ class MemberTiles:
 
     cam_lo: int
     cam_hi: int
-    isect_ids: Tensor  # [M_r] int64, sorted: (camera, tile, depth) keys of the member's range
-    offsets: Tensor  # [C_r, tile_height, tile_width] int32, into flatten_ids
-    flatten_ids: Tensor  # [M_r] int32, into the member's records
+    isect_ids: Optional[Tensor]  # [M_r] int64, sorted: (camera, tile, depth) keys of the member's range
+    offsets: Optional[Tensor]  # [C_r, tile_height, tile_width] int32, into flatten_ids
+    flatten_ids: Optional[Tensor]  # [M_r] int32, into the member's records
     records: Tensor  # [n_records] int64: global row * C + camera of each record, sorted
     n_records: int
     sources: List[SourceRecords]
@@ -83,6 +83,15 @@ class TilePlan:
     serve: Dict[int, List[Tensor]]  # local owner s -> [n]: its flat records each member r reads, in r's order
     pixel_owner: Tensor  # [C, H, W] the member rendering each pixel
     n_isects: int
+
+    def release_render_tensors(self) -> None:
+        """Drop what only the render and its backward read (intersections, offsets, the owners' serve
+        lists): the plan stays in the step's info through the rest of the backward, where they would
+        be about 40 B per Gaussian at its peak. Which records each member read stays."""
+        for work in self.work:
+            if work is not None:
+                work.isect_ids = work.offsets = work.flatten_ids = None
+        self.serve = {}
 
     def pixel_row_bounds(self) -> List[int]:
         """[members + 1]: member r renders rows [b[r], b[r+1]) of the [C * H] pixel rows (camera-major)."""
@@ -230,7 +239,8 @@ def _sort_routed(
     cam_lo, cam_hi = tile_bounds[r] // per_camera, (tile_bounds[r + 1] - 1) // per_camera
     pieces = [p for p in routed if p.shape[0]]
     pairs = (pieces[0] if len(pieces) == 1 else torch.cat(routed)).to(layout.members.devices[r])
-    ids, records = pairs[:, 0], pairs[:, 1]
+    ids, records = pairs[:, 0].contiguous(), pairs[:, 1]  # the plan keeps the keys alone, not the [M, 2] pairs
+    del pairs
     if len(pieces) != 1:  # one source's keys come sorted (every kernel set's isect_tiles sorts): no sort, no host read
         ids, order = torch.sort(ids, stable=True)  # sources arrive in global row order: stable = one device's order
         records = records[order]
