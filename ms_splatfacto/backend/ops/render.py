@@ -94,10 +94,10 @@ def rasterization(
                 feats = colors[None].expand(C, -1, -1)
             else:
                 campos = torch.inverse(viewmats)[:, :3, 3]  # [C, 3]
-                dirs = means[None, :, :] - campos[:, None, :]  # [C, n, 3]
                 if rest:  # the DC and higher orders apart: no [n, K, 3] concatenation (see sh_parts)
-                    feats = sh_from_parts(kernel_set.spherical_harmonics, sh_degree, dirs, colors, rest[0], masks=radii > 0)
+                    feats = sh_from_parts(kernel_set.spherical_harmonics, sh_degree, means, campos, colors, rest[0], masks=radii > 0)
                 else:
+                    dirs = means[None, :, :] - campos[:, None, :]  # [C, n, 3]
                     feats = kernel_set.spherical_harmonics(sh_degree, dirs, colors, masks=radii > 0)
                 feats = offset_clamp_min(feats, 0.5)
             if with_depth:

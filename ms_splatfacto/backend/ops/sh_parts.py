@@ -30,55 +30,68 @@ def _spans(n: int, chunk: int):
 
 class _ShFromParts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel: ShKernel, degree: int, chunk: int, dirs: Tensor, dc: Tensor, rest: Tensor,
+    def forward(ctx, kernel: ShKernel, degree: int, chunk: int, means: Tensor, campos: Tensor, dc: Tensor, rest: Tensor,
                 masks: Optional[Tensor]) -> Tensor:
-        out = dirs.new_empty(dirs.shape[0], dc.shape[0], 3)
+        out = means.new_empty(campos.shape[0], dc.shape[0], 3)
         for a, b in _spans(dc.shape[0], chunk):
             coeffs = torch.cat((dc[a:b, None], rest[a:b]), dim=1)
-            out[:, a:b] = kernel(degree, dirs[:, a:b], coeffs, masks=None if masks is None else masks[:, a:b])
-        ctx.save_for_backward(dirs, dc, rest, masks)
+            out[:, a:b] = kernel(degree, _dirs(means[a:b], campos), coeffs, masks=None if masks is None else masks[:, a:b])
+        ctx.save_for_backward(means, campos, dc, rest, masks)
         ctx.kernel, ctx.degree, ctx.chunk = kernel, degree, chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v_out: Tensor):  # [C, n, 3]
-        dirs, dc, rest, masks = ctx.saved_tensors
-        want_dirs = ctx.needs_input_grad[3]
-        v_dirs = torch.empty_like(dirs) if want_dirs else None
+        means, campos, dc, rest, masks = ctx.saved_tensors
+        want_means, want_campos = ctx.needs_input_grad[3:5]
+        want_dirs = want_means or want_campos
+        v_means = torch.empty_like(means) if want_means else None
+        v_campos = torch.zeros_like(campos) if want_campos else None
         v_dc, v_rest = torch.empty_like(dc), torch.empty_like(rest)
         for a, b in _spans(dc.shape[0], ctx.chunk):
             with torch.enable_grad():
-                d = dirs[:, a:b].detach().requires_grad_(want_dirs)
+                d = _dirs(means[a:b].detach(), campos.detach()).requires_grad_(want_dirs)
                 coeffs = torch.cat((dc[a:b, None].detach(), rest[a:b].detach()), dim=1).requires_grad_()
                 out = ctx.kernel(ctx.degree, d, coeffs, masks=None if masks is None else masks[:, a:b])
             grads = torch.autograd.grad(out, (d, coeffs) if want_dirs else (coeffs,), v_out[:, a:b], allow_unused=True)
-            if want_dirs:  # degree 0 may not read the directions at all
-                v_dirs[:, a:b] = grads[0] if grads[0] is not None else 0
+            if want_dirs:  # dirs = means - campos: what autograd's broadcast subtraction hands each
+                v_d = grads[0] if grads[0] is not None else torch.zeros_like(d)  # degree 0 may not read them
+                if want_means:
+                    v_means[a:b] = v_d.sum(0)
+                if want_campos:
+                    v_campos -= v_d.sum(1)
             v_dc[a:b], v_rest[a:b] = grads[-1][:, 0], grads[-1][:, 1:]
-        return None, None, None, v_dirs, v_dc, v_rest, None
+        return None, None, None, v_means, v_campos, v_dc, v_rest, None
+
+
+def _dirs(means: Tensor, campos: Tensor) -> Tensor:  # means [k, 3], campos [C, 3] -> [C, k, 3]
+    return means[None, :, :] - campos[:, None, :]
 
 
 def sh_from_parts(
     kernel: ShKernel,
     degree: int,
-    dirs: Tensor,  # [C, n, 3], not necessarily normalised
+    means: Tensor,  # [n, 3]
+    campos: Tensor,  # [C, 3] camera centres
     dc: Tensor,  # [n, 3]
     rest: Tensor,  # [n, K - 1, 3], K >= (degree + 1) ** 2
     masks: Optional[Tensor] = None,  # [C, n] bool
     chunk_rows: int = CHUNK_ROWS,
 ) -> Tensor:  # [C, n, 3]
-    """`kernel(degree, dirs, cat((dc[:, None], rest), 1), masks)` without the [n, K, 3] concatenation
-    (see the module docstring); differentiable in dirs, dc and rest."""
-    C, n = dirs.shape[:2]
-    assert dirs.shape == (C, n, 3), f"dirs must be [C, n, 3], got {tuple(dirs.shape)}"
+    """`kernel(degree, means[None] - campos[:, None], cat((dc[:, None], rest), 1), masks)` without the
+    [n, K, 3] concatenation (see the module docstring) nor the [C, n, 3] view directions, which are made
+    and differentiated chunk by chunk (12 B per Gaussian and camera less at the backward's peak);
+    differentiable in means, campos, dc and rest."""
+    C, n = campos.shape[0], means.shape[0]
+    assert means.shape == (n, 3) and campos.shape == (C, 3), f"means must be [n, 3] and campos [C, 3], got {tuple(means.shape)}, {tuple(campos.shape)}"
     assert dc.shape == (n, 3), f"dc must be [{n}, 3], got {tuple(dc.shape)}"
     assert rest.dim() == 3 and rest.shape[0] == n and rest.shape[2] == 3 and rest.shape[1] + 1 >= (degree + 1) ** 2, (
         f"rest must be [{n}, K - 1 >= {(degree + 1) ** 2 - 1}, 3] for degree {degree}, got {tuple(rest.shape)}"
     )
     assert masks is None or masks.shape == (C, n), f"masks must be [{C}, {n}], got {tuple(masks.shape)}"
     assert chunk_rows >= 1, f"chunk_rows must be positive, got {chunk_rows}"
-    return _ShFromParts.apply(kernel, int(degree), int(chunk_rows), dirs, dc, rest, masks)
+    return _ShFromParts.apply(kernel, int(degree), int(chunk_rows), means, campos, dc, rest, masks)
 
 
 class _OffsetClampMin(torch.autograd.Function):
