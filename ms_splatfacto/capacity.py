@@ -48,13 +48,13 @@ KEPT_PER_CAMERA = 46
 measured after a step (45.5 B at SH 3, 1M, 256x192, about 1.6 tile intersections per Gaussian: the 2D
 means with their gradient and absgrad, radii, and the records each member read; the tile plan's
 intersections are dropped once the rasterizer's backward has run)."""
-FORWARD_REST_PER_CAMERA = 148
-"""The forward's peak beyond the named forward terms (measured 975 B at SH 3 and 1M; less per Gaussian
+FORWARD_REST_PER_CAMERA = 118
+"""The forward's peak beyond the named forward terms (measured 944 B at SH 3 and 1M; less per Gaussian
 at 100k and 300k)."""
-BACKWARD_REST_PER_CAMERA = 289
+BACKWARD_REST_PER_CAMERA = 283
 """The backward's peak beyond parameters, moments, statistics and kept records (fused Adam at SH 3:
-1326, 1145 and 1082 B per Gaussian measured at 100k, 300k and 1M, each 335 B over the state once the
-fixed 25 MB of SH chunks and the per-pixel buffers are taken out; benchmarks/memory_per_gaussian.py)."""
+1140 and 1075 B per Gaussian measured at 300k and 1M, 330 and 328 B over the state once the fixed 25 MB
+of SH chunks and the per-pixel buffers are taken out; benchmarks/memory_per_gaussian.py)."""
 BACKWARD_SCRATCH_PER_THREAD = 0
 """Rasterizer backward scratch per thread and camera (B per Gaussian): the peak of the backward measured
 at 1 and at 2 threads differs by under 5 B (1334 and 1339), so the kernels' sums do not grow with the
