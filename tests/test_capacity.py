@@ -54,8 +54,8 @@ def test_command_prints_the_plan():
 ])
 def test_prediction_matches_measured_peak_within_5_percent(lund_tiny, gaussians: int, threads: int, fused_adam: bool):
     """One member, one camera per step, SH 3, with fused Adam (the method's) and per-op Adam; freed tensors
-    leave the resident set (memory, not time: a busy machine does not change it). 1M gives 1141 B per
-    Gaussian against 1144 predicted with fused Adam (benchmarks/results/memory_per_gaussian.json)."""
+    leave the resident set (memory, not time: a busy machine does not change it). 1M gives 1073 B per
+    Gaussian against 1076 predicted with fused Adam (benchmarks/results/memory_per_gaussian.json)."""
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "stepbench.py"), "--gaussians", str(gaussians), "--devices", "cpu", "--steps", "2",
          "--threads", str(threads), *(["--fused-adam"] if fused_adam else [])],
