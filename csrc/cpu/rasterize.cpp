@@ -104,9 +104,10 @@ using msplat_simd::kLanes;
 using msplat_simd::Lanes;
 using msplat_simd::splat;
 
-// A tile's Gaussians gathered into rows {mean x, mean y, conic a, b, c, opacity, colour[D]}, so the
-// per-pixel loops read contiguous memory.
-constexpr int64_t kRowHead = 6;
+// A tile's Gaussians gathered into rows {mean x, mean y, conic a, b, c, opacity, sigma_cut, colour[D]},
+// so the per-pixel loops read contiguous memory. Where sigma > sigma_cut = log(255 opacity) (widened
+// by 0.1 % + 1e-3, well beyond the float log and exp's rounding), alpha < 1/255.
+constexpr int64_t kRowHead = 7;
 
 // Conservative box around the ellipse 0.5 d^T Q d <= t, t = log(255 opacity), outside which the
 // Gaussian's alpha is below 1/255: half-widths sqrt(2 t (Q^-1)_xx) and sqrt(2 t (Q^-1)_yy). Every
@@ -125,9 +126,9 @@ inline void reach_box(const scalar_t* r, double* box) {
   const double eps = std::numeric_limits<scalar_t>::epsilon();
   double ex = inf, ey = inf;
   if (a > 0 && c > 0 && det > 0 && t < inf) {
-    const double rel = 16.0 * eps * ((a + c) * (a + c) / det) + 1e-3;
+    const double inv_det = 1.0 / det, rel = 16.0 * eps * ((a + c) * (a + c) * inv_det) + 1e-3;
     if (rel < 0.5) {
-      const double scale = 2.0 * (t * (1.0 + rel) + 1e-3) / det;
+      const double scale = 2.0 * (t * (1.0 + rel) + 1e-3) * inv_det;
       const double slack = 0.01 + 4.0 * eps * (std::abs(double(r[0])) + std::abs(double(r[1])));
       ex = std::sqrt(float(scale * c)) * 1.01 + slack;
       ey = std::sqrt(float(scale * a)) * 1.01 + slack;
@@ -138,10 +139,13 @@ inline void reach_box(const scalar_t* r, double* box) {
 
 // Pixels [s, e) within [a, b) whose centre x + 0.5 may lie in [lo, hi], with one pixel of slack
 // (the box is only a shortcut; the sweep's alpha test decides). NaN bounds give the whole range.
+// Written as min / max (no branches: the bounds are data).
 inline void pixel_span(double lo, double hi, int64_t a, int64_t b, int64_t& s, int64_t& e) {
-  const double fs = std::floor(lo - 0.5), fe = std::ceil(hi - 0.5) + 1.0;
-  s = fs > double(a) ? (fs < double(b) ? int64_t(fs) : b) : a;
-  e = fe < double(b) ? (fe > double(a) ? int64_t(fe) : a) : b;
+  const double fa = double(a), fb = double(b);
+  double fs = std::floor(lo - 0.5), fe = std::ceil(hi - 0.5) + 1.0;
+  fs = fs > fa ? fs : fa, fs = fs < fb ? fs : fb;  // NaN: a
+  fe = fe < fb ? fe : fb, fe = fe > fa ? fe : fa;  // NaN: b
+  s = int64_t(fs), e = int64_t(fe);
 }
 
 // Tile t (flattened over cameras): its camera, pixel rectangle [x0, x1) x [y0, y1) clipped to the
@@ -207,7 +211,9 @@ struct TileScratch {
     len_pad = (len + 31) / 32 * 32;
     rows.resize(len * stride);
     masks.assign((nv + 31) / 32 * len_pad, 0u);
-    constexpr int64_t ahead = 32;
+    uint64_t every_row = 0;  // bit y * vpr for each row y (used where nv <= 32)
+    for (int64_t y = 0; y * vpr < 64 && y < w.y1 - w.y0; ++y) every_row |= 1ull << (y * vpr);
+    constexpr int64_t ahead = 16;
     for (int64_t k = 0; k < len; ++k) {
       if (k + ahead < len) {
         const int64_t f = ids[start + k + ahead];
@@ -219,6 +225,7 @@ struct TileScratch {
       r[0] = m[2 * g], r[1] = m[2 * g + 1];
       r[2] = q[3 * g], r[3] = q[3 * g + 1], r[4] = q[3 * g + 2];
       r[5] = op[g];
+      r[6] = static_cast<scalar_t>(double(std::log(255.0f * float(r[5]))) * 1.001 + 1e-3);
       for (int64_t d = 0; d < D; ++d) r[kRowHead + d] = col[D * g + d];
       double box[4];
       reach_box(r, box);
@@ -227,6 +234,11 @@ struct TileScratch {
       pixel_span(box[2], box[3], w.y0, w.y1, ys, ye);
       if (xs >= xe || ys >= ye) continue;
       const int64_t vs = (xs - w.x0) / kLanes, ve = (xe - w.x0 + kLanes - 1) / kLanes;
+      if (nv <= 32) {  // one word: rows' bits (one every vpr) times the row's run of vectors, no loop
+        const uint64_t rows_set = (~0ull << ((ys - w.y0) * vpr)) & ~(~0ull << ((ye - w.y0) * vpr - 1) << 1);
+        masks[k] = static_cast<uint32_t>((rows_set & every_row) * ((1ull << ve) - (1ull << vs)));
+        continue;
+      }
       uint32_t word = 0;  // bits of mask word `at` (vectors come in increasing order)
       int64_t at = -1;
       for (int64_t y = ys - w.y0; y < ye - w.y0; ++y)
@@ -287,35 +299,6 @@ struct PixelVector {
   }
 };
 
-// Gaussian row r at a vector of pixels, one front-to-back compositing step: lanes still alive and
-// `open` (before their limit) that pass the alpha test composite (h) unless the transmittance would
-// fall to 1e-4 or below, which ends them. Forward and backward both call this, so they take the same
-// decisions bit for bit; and each pixel meets its Gaussians in list order, as in gsplat's walk.
-template <typename scalar_t>
-struct Step {
-  using V = typename Lanes<scalar_t>::V;
-  using M = typename Lanes<scalar_t>::M;
-  V dx, vis, alpha, T_before;
-  M h;
-  inline void run(const scalar_t* r, const PixelVector<scalar_t>& pv, const M& open, V& T, M& alive) {
-    const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
-    const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
-    const scalar_t dy = r[1] - pv.py;
-    dx = r[0] - pv.px;
-    const V sigma = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;  // as gsplat rounds it
-    msplat_simd::exp_neg(sigma, vis);
-    const V raw = r[5] * vis;
-    alpha = raw > a_max ? splat<V>(a_max) : raw;
-    T_before = T;
-    const V next_T = T_before * (scalar_t(1) - alpha);
-    const M live = alive & open;
-    const M ok = live & (sigma >= scalar_t(0)) & (alpha >= a_min);
-    h = ok & (next_T > t_min);
-    alive = live ^ (ok ^ h);  // ends where ok and not h (transmittance floor), or at the limit
-    T = h ? next_T : T_before;
-  }
-};
-
 // Evaluations the kernels performed: {forward pairs, forward lanes, backward pairs, backward lanes}.
 // A pair is a Gaussian evaluated at a still-compositing pixel of its reach box's span of vectors; lanes
 // count every SIMD lane computed, padding and finished pixels included.
@@ -332,6 +315,46 @@ inline int64_t tally_total(const I8& counter) {
   for (int64_t l = 0; l < kLanes; ++l) total -= counter[l];
   return total;
 }
+
+// Gaussian row r at a vector of pixels, one front-to-back compositing step: lanes still alive and
+// `open` (before their limit) that pass the alpha test composite (h) unless the transmittance would
+// fall to 1e-4 or below, which ends them. Forward and backward both call this, so they take the same
+// decisions bit for bit; and each pixel meets its Gaussians in list order, as in gsplat's walk.
+template <typename scalar_t>
+struct Step {
+  using V = typename Lanes<scalar_t>::V;
+  using M = typename Lanes<scalar_t>::M;
+  V dx, vis, alpha, T_before;
+  M h;
+  // With Skip (the backward: its per-vector work is larger than a mispredicted branch), returns false,
+  // with h empty and only the lanes at their limit ended, where no lane is within sigma_cut (nothing
+  // can composite: the rest is skipped and not counted). The decisions are the same either way.
+  template <bool Skip>
+  inline bool run(const scalar_t* r, const PixelVector<scalar_t>& pv, const M& open, V& T, M& alive, I8& tried) {
+    const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
+    const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
+    const scalar_t dy = r[1] - pv.py;
+    dx = r[0] - pv.px;
+    const V sigma = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;  // as gsplat rounds it
+    if (Skip && !any(alive & (sigma <= r[6]))) {
+      h = M{}, alive &= open;
+      return false;
+    }
+    tally(tried, alive);
+    msplat_simd::exp_neg(sigma, vis);
+    const V raw = r[5] * vis;
+    alpha = raw > a_max ? splat<V>(a_max) : raw;
+    T_before = T;
+    const V next_T = T_before * (scalar_t(1) - alpha);
+    const M live = alive & open;
+    const M ok = live & (sigma >= scalar_t(0)) & (alpha >= a_min);
+    h = ok & (next_T > t_min);
+    alive = live ^ (ok ^ h);  // ends where ok and not h (transmittance floor), or at the limit
+    T = h ? next_T : T_before;
+    return true;
+  }
+};
+
 
 // Forward compositing of one tile (gathered rows, lists built), vector by vector: each vector's
 // transmittance, colours and last row stay in registers while it walks its Gaussians in list order,
@@ -359,9 +382,8 @@ void forward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const
     if (any(alive))
       for_each_row(s, v, [&](int32_t k) {
         const scalar_t* r = &s.rows[k * stride];
-        tally(tried, alive);
+        st.template run<false>(r, pv, open, T, alive, tried);
         lanes += kLanes;
-        st.run(r, pv, open, T, alive);
         const V wv = st.h ? st.alpha * st.T_before : V{};  // 0 where not composited: acc unchanged
         for (int64_t d = 0; d < D; ++d) acc[d] = fmadd(splat<V>(r[kRowHead + d]), wv, acc[d]);
         last = __builtin_convertvector(st.h, I8) ? splat<I8>(k) : last;
@@ -508,9 +530,8 @@ void backward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, cons
     if (any(alive))
       for_each_row(s, v, [&](int32_t k) {
         const M open = __builtin_convertvector(splat<I8>(k) < limit, M);
-        tally(tried, alive);
+        if (!st.template run<true>(&s.rows[k * stride], pv, open, T, alive, tried)) return any(alive);
         lanes += kLanes;
-        st.run(&s.rows[k * stride], pv, open, T, alive);
         if (any(st.h)) {
           s.hit_k[n_hits] = k, s.hit_h[n_hits] = st.h, s.hit_vis[n_hits] = st.vis, s.hit_T[n_hits] = st.T_before;
           ++n_hits;
