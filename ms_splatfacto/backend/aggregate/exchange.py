@@ -262,21 +262,28 @@ def request_rows(
 
 def request_row_ranges(
     members,
-    ranges: Mapping[int, Tuple[int, int]],  # local r -> [lo, hi): global rows it wants, of `layout`
+    ranges: Sequence[Tuple[int, int]],  # [n] member r wants global rows [lo, hi) of `layout` (every rank knows all)
     layout: Layout,
     chunks: Chunks,  # the rows' owners' chunks
     kind: str = "other",
 ) -> Dict[int, torch.Tensor]:
-    """`request_rows` for a contiguous range per member, known on the host: no host read at all."""
+    """`request_rows` for a contiguous range per member known on every rank: each owner slices what
+    each member wants of its chunk and one exchange delivers it (no index lists, no host read)."""
     n = len(members)
     edges = list(layout.bounds)
-    ask = {}
+    assert len(ranges) == n, f"need a row range for each of the {n} members, got {len(ranges)}"
+    spans = [[(min(max(lo, edges[s]), edges[s + 1]), max(min(hi, edges[s + 1]), edges[s])) for s in range(n)] for lo, hi in ranges]
+    rows = [[max(0, spans[r][s][1] - spans[r][s][0]) for r in range(n)] for s in range(n)]
+    reply = {s: [chunks[s][spans[r][s][0] - edges[s] : spans[r][s][0] - edges[s] + rows[s][r]] for r in range(n)]
+             for s in members.local}
+    got = all_to_all(members, reply, kind, rows)
+    ref = next(c for c in chunks if c is not None)
+    out = {}
     for r in members.local:
-        lo, hi = ranges[r]
-        device = members.devices[r]
-        ask[r] = [torch.arange(max(lo, edges[s]), max(min(hi, edges[s + 1]), max(lo, edges[s])), device=device) - edges[s]
-                  for s in range(n)]
-    return _serve_rows(members, ask, chunks, kind)
+        pieces = [p for p in got[r] if p.shape[0]]
+        received = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else None
+        out[r] = received if received is not None else _empty((ref.shape[1:], ref.dtype), members.devices[r])
+    return out
 
 
 def _serve_rows(

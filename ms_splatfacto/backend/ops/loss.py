@@ -182,9 +182,9 @@ class _SplitSums(torch.autograd.Function):
         m = layout.members
         halo = WIN_SIZE - 1 if rows else 0
         bands = layout.bounds
-        wanted, starts = {}, [ssim_span(bands[d], bands[d + 1], image_height)[0] for d in range(len(m))]
-        for r in m.local:  # the halo rows below the band, for the map rows starting in it
-            wanted[r] = (bands[r + 1], ssim_span(bands[r], bands[r + 1], image_height)[1])
+        starts = [ssim_span(bands[d], bands[d + 1], image_height)[0] for d in range(len(m))]
+        # the halo rows below each band, for the map rows starting in it (every rank knows every band)
+        wanted = [(bands[d + 1], ssim_span(bands[d], bands[d + 1], image_height)[1]) for d in range(len(m))]
         halos = exchange.request_row_ranges(m, wanted, layout, pred.chunks)
         win = gaussian_window(pred.dtype, m.device)
         ctx.graphs, ctx.layout, ctx.wanted = [], layout, wanted
