@@ -79,7 +79,7 @@ def rasterization(
     depth_only = render_mode in ("D", "ED")
 
     def project_member(d, means, quats, scales, opacities, colors, *rest_and_cameras):
-        *rest, viewmats, Ks = rest_and_cameras
+        *rest, viewmats, Ks, campos = rest_and_cameras
         radii, means2d, depths, conics, comps = kernel_set.project(
             means, quats, scales, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
             far_plane=far_plane, radius_clip=radius_clip, calc_compensations=rasterize_mode == "antialiased",
@@ -93,7 +93,6 @@ def rasterization(
             if sh_degree is None:
                 feats = colors[None].expand(C, -1, -1)
             else:
-                campos = torch.inverse(viewmats)[:, :3, 3]  # [C, 3]
                 if rest:  # the DC and higher orders apart: no [n, K, 3] concatenation (see sh_parts)
                     feats = sh_from_parts(kernel_set.spherical_harmonics, sh_degree, means, campos, colors, rest[0], masks=radii > 0)
                 else:
@@ -106,7 +105,8 @@ def rasterization(
 
     if sh_degree is not None and sh_rest is None:
         assert colors.dim() == 3 and colors.shape[-1] == 3, "SH colours must be [N, K, 3]"
-    means2d, conics, feats, opac, depths, radii = per_member(project_member, rowed, (viewmats, Ks))
+    campos = torch.inverse(viewmats)[:, :3, 3]  # [C, 3] camera centres, once for all members
+    means2d, conics, feats, opac, depths, radii = per_member(project_member, rowed, (viewmats, Ks, campos))
     plan = plan_tiles(kernel_set, means2d, radii, depths, width, height, tile_size)
     render_colors, render_alphas = tile_rasterize(
         plan, kernel_set, means2d, conics, feats, opac, backgrounds_for(backgrounds, render_mode), absgrad, split_images
