@@ -91,6 +91,9 @@ def cpu_build_key(flags: List[str]) -> str:
 
 
 def cpu_sources() -> list[Path]:
+    """Every `csrc/cpu/*.cpp` (a new source joins the build by being there). Headers (`*.h`) are not
+    listed: torch hashes the listed sources, and ninja's depfiles rebuild whatever includes a changed
+    header; the wheel ships both (pyproject's package data)."""
     return sorted((CSRC / "cpu").glob("*.cpp"))
 
 
