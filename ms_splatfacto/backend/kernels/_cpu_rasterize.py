@@ -100,9 +100,12 @@ class _RasterizeToPixels(torch.autograd.Function):
 
 def evaluation_counts(reset: bool = False) -> Dict[str, int]:
     """(Gaussian, pixel) evaluations the C++ rasterizer performed since the last reset, counted in the
-    kernel: `forward`/`backward` pairs (a Gaussian evaluated at a pixel still compositing, in the SIMD
-    vectors covering its reach box), `forward_lanes`/`backward_lanes` (every SIMD lane computed,
-    padding and finished pixels included); `evaluations` and `lanes` are their totals."""
+    kernel: `forward` pairs (a Gaussian evaluated at a pixel still compositing, in the SIMD vectors its
+    reach box meets) and `forward_lanes` (every SIMD lane computed, padding and finished pixels
+    included). The backward replay first computes each vector's exponent and skips the Gaussian there
+    when no lane is within log(255 opacity) (nothing can composite); such vectors count in neither
+    `backward` (pairs, as in the forward) nor `backward_lanes`, so the backward counts fall below the
+    forward's. `evaluations` and `lanes` are the totals of both passes."""
     fwd, fwd_lanes, bwd, bwd_lanes = (int(v) for v in build.cpu_ops().raster_counts(reset))
     return {"forward": fwd, "forward_lanes": fwd_lanes, "backward": bwd, "backward_lanes": bwd_lanes,
             "evaluations": fwd + bwd, "lanes": fwd_lanes + bwd_lanes}
