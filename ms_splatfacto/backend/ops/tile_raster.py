@@ -201,18 +201,38 @@ class _TileRasterize(torch.autograd.Function):
         return (None, None, None, None, None, None, *out[:4])
 
 
+GROUP_BYTES = 16 << 20
+"""Largest float64 reduction buffer for several fields at once: fields share one [rows * C, widths]
+buffer (one zero fill and one add per sender) while it stays under this, else each field has its own,
+so at scale the peak holds one field's buffer, as before."""
+
+
+def _field_groups(widths: List[int], rows: int, itemsize: int) -> List[List[int]]:
+    """Consecutive fields grouped so each group's [rows, sum of widths] buffer fits GROUP_BYTES (a field
+    wider than that alone)."""
+    groups: List[List[int]] = []
+    for i, w in enumerate(widths):
+        if groups and rows * itemsize * (w + sum(widths[j] for j in groups[-1])) <= GROUP_BYTES:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def _reduce_scatter(
     plan: TilePlan, partials: Dict[int, List[Optional[Tensor]]], row_shapes, wide: torch.dtype, dtype: torch.dtype
 ) -> List[AggregateTensor]:
     """Hand each owner the gradients of its records that each member accumulated: every member sends
     each other owner its records' gradients of all fields side by side (in `wide`: float64 where the
     kernel set gives unrounded sums, so the owner's total rounds like the single-device one) in one
-    exchange; a member's own records stay where they are. Each owner adds them field by field into a
-    [rows * C, w] buffer in member order and rounds it to `dtype` before the next field's buffer
-    exists. Returns one [N, C, ...] aggregate gradient per field."""
+    exchange; a member's own records stay where they are. Each owner adds them into [rows * C, w]
+    buffers in member order, for a group of fields at once where small (`GROUP_BYTES`), and rounds each
+    field to `dtype` before the next group's buffer exists. Returns one [N, C, ...] aggregate gradient
+    per field."""
     layout = plan.layout
     m = layout.members
     widths = [math.prod(shape[1:]) for shape in row_shapes]
+    columns = [sum(widths[:i]) for i in range(len(widths))]
     C = plan.n_cameras
     send = {}
     for r in m.local:
@@ -231,21 +251,27 @@ def _reduce_scatter(
     own = {s: next((src for src in plan.work[s].sources if src.source == s), None) if plan.work[s] is not None else None
            for s in m.local}  # each local owner's reads of its own records
     senders = {s: [r for r in range(len(m)) if r == s or got[s][r].shape[0]] for s in m.local}
-    for i, (w, builder) in enumerate(zip(widths, builders)):
-        column = sum(widths[:i])
+    itemsize = torch.empty((), dtype=wide).element_size()
+    for group in _field_groups(widths, max(layout.counts) * C, itemsize):
+        lo, hi = columns[group[0]], columns[group[-1]] + widths[group[-1]]
         for s in m.local:  # local owners
-            buffer = torch.zeros((layout.counts[s] * C, w), dtype=wide, device=m.devices[s])
+            buffer = torch.zeros((layout.counts[s] * C, hi - lo), dtype=wide, device=m.devices[s])
             for r in senders[s]:  # in member order
-                if r == s:
-                    g = partials[s][i] if s in partials else None
-                    if own[s] is not None and g is not None:
-                        buffer.index_add_(0, plan.serve[s][s].to(buffer.device), g.reshape(-1, w)[own[s].start : own[s].stop].to(wide))
-                else:
-                    buffer.index_add_(0, plan.serve[s][r].to(buffer.device), got[s][r][:, column : column + w].to(buffer.device))
-            builder.put(s, buffer.view(layout.counts[s], *row_shapes[i]).to(dtype))
+                if r != s:
+                    buffer.index_add_(0, plan.serve[s][r].to(buffer.device), got[s][r][:, lo:hi].to(buffer.device))
+                    continue
+                for i in group if own[s] is not None and s in partials else ():
+                    g = partials[s][i]
+                    if g is not None:
+                        part = g.reshape(-1, widths[i])[own[s].start : own[s].stop].to(wide)
+                        buffer[:, columns[i] - lo : columns[i] - lo + widths[i]].index_add_(0, plan.serve[s][s].to(buffer.device), part)
+            for i in group:
+                field = buffer[:, columns[i] - lo : columns[i] - lo + widths[i]]
+                builders[i].put(s, field.to(dtype).contiguous().view(layout.counts[s], *row_shapes[i]))
             del buffer
         for found in partials.values():
-            found[i] = None
+            for i in group:
+                found[i] = None
     return [b.result() for b in builders]
 
 
