@@ -127,7 +127,8 @@ def replicate(
     local = {d: parts[d].reshape(1) if scalar else parts[d] for d in members.local}
     hosts = set(members.hosts)
     n = len(members)
-    send = {s: [p if r in hosts else p[:0] for r in range(n)] for s, p in local.items()}
+    empties = {s: p[:0] for s, p in local.items()}  # one empty piece per sender, not one per pair
+    send = {s: [p if r in hosts else empties[s] for r in range(n)] for s, p in local.items()}
     rows = None
     if rows_per_member is not None:
         rows = [[rows_per_member[s] if r in hosts else 0 for r in range(n)] for s in range(n)]
@@ -274,8 +275,11 @@ def request_row_ranges(
     assert len(ranges) == n, f"need a row range for each of the {n} members, got {len(ranges)}"
     spans = [[(min(max(lo, edges[s]), edges[s + 1]), max(min(hi, edges[s + 1]), edges[s])) for s in range(n)] for lo, hi in ranges]
     rows = [[max(0, spans[r][s][1] - spans[r][s][0]) for r in range(n)] for s in range(n)]
-    reply = {s: [chunks[s][spans[r][s][0] - edges[s] : spans[r][s][0] - edges[s] + rows[s][r]] for r in range(n)]
-             for s in members.local}
+    reply = {}
+    for s in members.local:
+        empty = chunks[s][:0]
+        reply[s] = [chunks[s][spans[r][s][0] - edges[s] : spans[r][s][0] - edges[s] + rows[s][r]] if rows[s][r] else empty
+                    for r in range(n)]
     got = all_to_all(members, reply, kind, rows)
     ref = next(c for c in chunks if c is not None)
     out = {}
