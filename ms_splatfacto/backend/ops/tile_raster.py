@@ -33,20 +33,21 @@ from ms_splatfacto.backend.ops.tiles import TilePlan
 def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[int, List[Tensor]]:
     """Each local member's records of each field ([N, C, ...] aggregates) as [C_r, P, ...] arrays, read
     from their owners in one exchange (remote reads for records another member holds; a member's own
-    records are selected in place). Records are grouped by owner; each field is written once into its
-    array, zero-padded to C_r * P: no copy of all N * C records is made."""
+    records are selected in place). An owner that others read puts its fields side by side once
+    ([rows * C, sum of widths], a forward transient well under the backward's peak) so each reader
+    costs it one gather. Records are grouped by owner, so the owners before and after a member's own
+    records are one run of rows each: every field is written once per run, zero-padded to C_r * P."""
     layout = plan.layout
     m = layout.members
     widths = [math.prod(f.shape[2:]) for f in fields]
     flat = {s: [f.chunks[s].reshape(-1, w) for f, w in zip(fields, widths)] for s in m.local}  # local owners' [rows * C, w] views
     send = {}
     for s in m.local:
+        readers = [r for r in range(len(m)) if r != s and plan.serve[s][r].shape[0]]
         none = torch.zeros((0, sum(widths)), dtype=fields[0].dtype, device=m.devices[s])
-        send[s] = [
-            torch.cat([x.index_select(0, plan.serve[s][r].to(x.device)) for x in flat[s]], dim=1)
-            if r != s and plan.serve[s][r].shape[0] else none
-            for r in range(len(m))
-        ]
+        packed = torch.cat(flat[s], dim=1) if readers else None  # [rows * C, sum(widths)]: one gather per reader
+        send[s] = [packed.index_select(0, plan.serve[s][r].to(packed.device)) if r in readers else none for r in range(len(m))]
+        del packed
     got = exchange.all_to_all(m, send, kind="remote_read")
     out = {}
     for r in m.local:
@@ -55,16 +56,18 @@ def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[i
             continue
         padded = work.padded * work.n_cameras
         arrays = [torch.empty((padded, w), dtype=f.dtype, device=m.devices[r]) for f, w in zip(fields, widths)]
-        for src in work.sources:
-            rows = slice(src.start, src.stop)
-            if src.source == r:  # its own records: selected straight into the arrays
-                index = plan.serve[r][r].to(m.devices[r])
-                for array, x in zip(arrays, flat[r]):
-                    torch.index_select(x, 0, index, out=array[rows])
-            else:
-                columns = torch.split(got[r][src.source], widths, dim=1)
-                for array, piece in zip(arrays, columns):
-                    array[rows] = piece
+        own = next((src for src in work.sources if src.source == r), None)
+        if own is not None:  # its own records: selected straight into the arrays
+            index = plan.serve[r][r].to(m.devices[r])
+            for array, x in zip(arrays, flat[r]):
+                torch.index_select(x, 0, index, out=array[own.start : own.stop])
+        remote = [src for src in work.sources if src.source != r]
+        for block in ([b for b in remote if own is None or b.stop <= own.start], [b for b in remote if own is not None and b.start >= own.stop]):
+            if block:  # the owners before (then after) its own records: one contiguous run of rows each
+                pieces = [got[r][src.source] for src in block]
+                received = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                for array, piece in zip(arrays, torch.split(received.to(m.devices[r]), widths, dim=1)):
+                    array[block[0].start : block[-1].stop] = piece
         for array in arrays:
             array[work.n_records :].zero_()
         out[r] = [a.view(work.n_cameras, work.padded, *f.shape[2:]) for a, f in zip(arrays, fields)]
@@ -239,12 +242,19 @@ def _reduce_scatter(
         work = plan.work[r]
         device = m.devices[r]
         pieces = [torch.zeros((0, sum(widths)), dtype=wide, device=device)] * len(m)  # one empty piece for owners it did not read
-        for src in work.sources if work is not None and r in partials else ():
-            if src.source != r:
-                pieces[src.source] = torch.cat([
-                    (g.reshape(-1, w)[src.start : src.stop] if g is not None else torch.zeros((src.stop - src.start, w), device=device)).to(wide)
-                    for g, w in zip(partials[r], widths)
-                ], dim=1)
+        sources = work.sources if work is not None and r in partials else []
+        own = next((src for src in sources if src.source == r), None)
+        remote = [src for src in sources if src.source != r]
+        for block in ([b for b in remote if own is None or b.stop <= own.start], [b for b in remote if own is not None and b.start >= own.stop]):
+            if not block:  # the owners before (then after) its own records: one run of rows, all fields side by side
+                continue
+            lo, hi = block[0].start, block[-1].stop
+            side_by_side = torch.cat([
+                (g.reshape(-1, w)[lo:hi] if g is not None else torch.zeros((hi - lo, w), device=device)).to(wide)
+                for g, w in zip(partials[r], widths)
+            ], dim=1)
+            for src in block:
+                pieces[src.source] = side_by_side[src.start - lo : src.stop - lo]
         send[r] = pieces
     got = exchange.all_to_all(m, send, kind="reduce_scatter")
     builders = [LocalRows(layout) for _ in widths]
