@@ -275,10 +275,12 @@ def _reduce_scatter(
                     if g is not None:
                         part = g.reshape(-1, widths[i])[own[s].start : own[s].stop].to(wide)
                         buffer[:, columns[i] - lo : columns[i] - lo + widths[i]].index_add_(0, plan.serve[s][s].to(buffer.device), part)
-            for i in group:
-                field = buffer[:, columns[i] - lo : columns[i] - lo + widths[i]]
-                builders[i].put(s, field.to(dtype).contiguous().view(layout.counts[s], *row_shapes[i]))
+            rounded = buffer.to(dtype)  # each element rounds once, whichever group holds it
             del buffer
+            for i in group:
+                field = rounded[:, columns[i] - lo : columns[i] - lo + widths[i]]
+                builders[i].put(s, field.view(layout.counts[s], *row_shapes[i]))  # put copies (or makes contiguous) its rows
+            del rounded
         for found in partials.values():
             for i in group:
                 found[i] = None
