@@ -237,7 +237,9 @@ def _reduce_scatter(
     widths = [math.prod(shape[1:]) for shape in row_shapes]
     columns = [sum(widths[:i]) for i in range(len(widths))]
     C = plan.n_cameras
-    send = {}
+    itemsize = torch.empty((), dtype=wide).element_size()
+    groups = _field_groups(widths, max(layout.counts) * C, itemsize)
+    send, own_side = {}, {}
     for r in m.local:
         work = plan.work[r]
         device = m.devices[r]
@@ -245,7 +247,11 @@ def _reduce_scatter(
         sources = work.sources if work is not None and r in partials else []
         own = next((src for src in sources if src.source == r), None)
         remote = [src for src in sources if src.source != r]
-        for block in ([b for b in remote if own is None or b.stop <= own.start], [b for b in remote if own is not None and b.start >= own.stop]):
+        if own is not None and len(groups) == 1 and all(g is not None for g in partials[r]):
+            blocks = [sources]  # small: all its records side by side, its own rows added in one go too
+        else:
+            blocks = [[b for b in remote if own is None or b.stop <= own.start], [b for b in remote if own is not None and b.start >= own.stop]]
+        for block in blocks:
             if not block:  # the owners before (then after) its own records: one run of rows, all fields side by side
                 continue
             lo, hi = block[0].start, block[-1].stop
@@ -254,27 +260,31 @@ def _reduce_scatter(
                 for g, w in zip(partials[r], widths)
             ], dim=1)
             for src in block:
-                pieces[src.source] = side_by_side[src.start - lo : src.stop - lo]
+                if src.source == r:
+                    own_side[r] = side_by_side[src.start - lo : src.stop - lo]
+                else:
+                    pieces[src.source] = side_by_side[src.start - lo : src.stop - lo]
         send[r] = pieces
     got = exchange.all_to_all(m, send, kind="reduce_scatter")
     builders = [LocalRows(layout) for _ in widths]
     own = {s: next((src for src in plan.work[s].sources if src.source == s), None) if plan.work[s] is not None else None
            for s in m.local}  # each local owner's reads of its own records
     senders = {s: [r for r in range(len(m)) if r == s or got[s][r].shape[0]] for s in m.local}
-    itemsize = torch.empty((), dtype=wide).element_size()
-    for group in _field_groups(widths, max(layout.counts) * C, itemsize):
+    for group in groups:
         lo, hi = columns[group[0]], columns[group[-1]] + widths[group[-1]]
         for s in m.local:  # local owners
             buffer = torch.zeros((layout.counts[s] * C, hi - lo), dtype=wide, device=m.devices[s])
             for r in senders[s]:  # in member order
                 if r != s:
                     buffer.index_add_(0, plan.serve[s][r].to(buffer.device), got[s][r][:, lo:hi].to(buffer.device))
-                    continue
-                for i in group if own[s] is not None and s in partials else ():
-                    g = partials[s][i]
-                    if g is not None:
-                        part = g.reshape(-1, widths[i])[own[s].start : own[s].stop].to(wide)
-                        buffer[:, columns[i] - lo : columns[i] - lo + widths[i]].index_add_(0, plan.serve[s][s].to(buffer.device), part)
+                elif s in own_side:
+                    buffer.index_add_(0, plan.serve[s][s].to(buffer.device), own_side[s][:, lo:hi])
+                else:
+                    for i in group if own[s] is not None and s in partials else ():
+                        g = partials[s][i]
+                        if g is not None:
+                            part = g.reshape(-1, widths[i])[own[s].start : own[s].stop].to(wide)
+                            buffer[:, columns[i] - lo : columns[i] - lo + widths[i]].index_add_(0, plan.serve[s][s].to(buffer.device), part)
             rounded = buffer.to(dtype)  # each element rounds once, whichever group holds it
             del buffer
             for i in group:
