@@ -163,8 +163,9 @@ def plan_tiles(
     ends = read_ints(cuts)  # the one host read of this phase, for all local members
     send: Dict[int, List[Tensor]] = {}
     for s in m.local:
-        if s in ends:
-            send[s] = [sorted_pairs[s][ends[s][r] : ends[s][r + 1]] for r in range(n_members)]
+        if s in ends:  # most owners reach few key ranges: one shared empty piece for the rest
+            empty = sorted_pairs[s][:0]
+            send[s] = [sorted_pairs[s][ends[s][r] : ends[s][r + 1]] if ends[s][r + 1] > ends[s][r] else empty for r in range(n_members)]
         else:
             send[s] = [torch.zeros((0, 2), dtype=torch.long, device=m.devices[s])] * n_members
     routed = exchange.all_to_all(m, send)
