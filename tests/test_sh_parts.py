@@ -20,17 +20,19 @@ def inputs(C: int = 3, n: int = 50, K: int = 16, seed: int = 0):
     return means, campos, dc, rest, masks
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "reference"])
+@pytest.mark.parametrize("kernels, direct", [("cpu", True), ("cpu", False), ("reference", False)])
 @pytest.mark.parametrize("degree, chunk, C", [(3, 7, 3), (3, 50, 3), (3, 7, 1), (1, 16, 2), (0, 1000, 3)])
-def test_parts_equal_the_concatenation(kernels: str, degree: int, chunk: int, C: int):
+def test_parts_equal_the_concatenation(kernels: str, direct: bool, degree: int, chunk: int, C: int):
+    """`direct`: the backward calls the kernel set's own SH backward per chunk instead of autograd."""
     sh = get_kernels(kernels).spherical_harmonics
+    sh_bwd = get_kernels(kernels).spherical_harmonics_backward if direct else None
     means, campos, dc, rest, masks = inputs(C=C)
     weights = torch.randn(C, 50, 3, generator=torch.Generator().manual_seed(1))
 
     def run(apart: bool):
         m, c, a, b = (t.clone().requires_grad_() for t in (means, campos, dc, rest))
         if apart:
-            out = sh_from_parts(sh, degree, m, c, a, b, masks, chunk_rows=chunk)
+            out = sh_from_parts(sh, degree, m, c, a, b, masks, chunk_rows=chunk, kernel_bwd=sh_bwd)
         else:
             out = sh(degree, m[None] - c[:, None], torch.cat((a[:, None], b), 1), masks=masks)
         (out * weights).sum().backward()

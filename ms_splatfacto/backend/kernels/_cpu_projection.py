@@ -96,6 +96,19 @@ class _SphericalHarmonics(torch.autograd.Function):
         return None, v_dirs, v_coeffs, None
 
 
+def spherical_harmonics_backward(
+    degree: int,
+    dirs: Tensor,  # [C, N, 3]
+    coeffs: Tensor,  # [N, K, 3]
+    masks: Optional[Tensor],  # [C, N] bool
+    v_colors: Tensor,  # [C, N, 3]
+) -> Tuple[Tensor, Tensor]:  # v_dirs [C, N, 3], v_coeffs [N, K, 3]
+    """The gradients `spherical_harmonics`' backward gives, called directly: for callers that hold the
+    inputs and recompute nothing (no autograd graph, no forward)."""
+    assert v_colors.shape == dirs.shape, f"v_colors must be {tuple(dirs.shape)}, got {tuple(v_colors.shape)}"
+    return build.cpu_ops().sh_bwd(int(degree), dirs, coeffs, masks, v_colors)
+
+
 def spherical_harmonics(
     degree: int,
     dirs: Tensor,  # [C, N, 3], not necessarily normalised

@@ -94,7 +94,8 @@ def rasterization(
                 feats = colors[None].expand(C, -1, -1)
             else:
                 if rest:  # the DC and higher orders apart: no [n, K, 3] concatenation (see sh_parts)
-                    feats = sh_from_parts(kernel_set.spherical_harmonics, sh_degree, means, campos, colors, rest[0], masks=radii > 0)
+                    feats = sh_from_parts(kernel_set.spherical_harmonics, sh_degree, means, campos, colors, rest[0], masks=radii > 0,
+                                          kernel_bwd=getattr(kernel_set, "spherical_harmonics_backward", None))
                 else:
                     dirs = means[None, :, :] - campos[:, None, :]  # [C, n, 3]
                     feats = kernel_set.spherical_harmonics(sh_degree, dirs, colors, masks=radii > 0)

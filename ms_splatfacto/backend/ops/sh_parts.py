@@ -11,7 +11,7 @@ tensors. SH is computed row by row, so the colours and gradients are the unchunk
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ CHUNK_ROWS = 1 << 16
 
 ShKernel = Callable[[int, Tensor, Tensor, Optional[Tensor]], Tensor]
 """A kernel set's `spherical_harmonics(degree, dirs [C, n, 3], coeffs [n, K, 3], masks [C, n])` -> [C, n, 3]."""
+ShBackward = Callable[[int, Tensor, Tensor, Optional[Tensor], Tensor], Tuple[Tensor, Tensor]]
+"""A kernel set's `spherical_harmonics_backward(degree, dirs, coeffs, masks, v_colors)` -> (v_dirs, v_coeffs),
+where it has one: the backward then calls it per chunk instead of recomputing the chunk under autograd."""
 
 
 def _spans(n: int, chunk: int):
@@ -30,31 +33,38 @@ def _spans(n: int, chunk: int):
 
 class _ShFromParts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel: ShKernel, degree: int, chunk: int, means: Tensor, campos: Tensor, dc: Tensor, rest: Tensor,
-                masks: Optional[Tensor]) -> Tensor:
+    def forward(ctx, kernel: ShKernel, kernel_bwd: Optional[ShBackward], degree: int, chunk: int, means: Tensor, campos: Tensor,
+                dc: Tensor, rest: Tensor, masks: Optional[Tensor]) -> Tensor:
         out = means.new_empty(campos.shape[0], dc.shape[0], 3)
         for a, b in _spans(dc.shape[0], chunk):
             coeffs = torch.cat((dc[a:b, None], rest[a:b]), dim=1)
             out[:, a:b] = kernel(degree, _dirs(means[a:b], campos), coeffs, masks=None if masks is None else masks[:, a:b])
         ctx.save_for_backward(means, campos, dc, rest, masks)
-        ctx.kernel, ctx.degree, ctx.chunk = kernel, degree, chunk
+        ctx.kernel, ctx.kernel_bwd, ctx.degree, ctx.chunk = kernel, kernel_bwd, degree, chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v_out: Tensor):  # [C, n, 3]
         means, campos, dc, rest, masks = ctx.saved_tensors
-        want_means, want_campos = ctx.needs_input_grad[3:5]
+        want_means, want_campos = ctx.needs_input_grad[5:7]
         want_dirs = want_means or want_campos
         v_means = torch.empty_like(means) if want_means else None
         v_campos = torch.zeros_like(campos) if want_campos else None
         v_dc, v_rest = torch.empty_like(dc), torch.empty_like(rest)
         for a, b in _spans(dc.shape[0], ctx.chunk):
-            with torch.enable_grad():
-                d = _dirs(means[a:b].detach(), campos.detach()).requires_grad_(want_dirs)
-                coeffs = torch.cat((dc[a:b, None].detach(), rest[a:b].detach()), dim=1).requires_grad_()
-                out = ctx.kernel(ctx.degree, d, coeffs, masks=None if masks is None else masks[:, a:b])
-            grads = torch.autograd.grad(out, (d, coeffs) if want_dirs else (coeffs,), v_out[:, a:b], allow_unused=True)
+            chunk_masks = None if masks is None else masks[:, a:b]
+            if ctx.kernel_bwd is not None:
+                d = _dirs(means[a:b], campos)
+                coeffs = torch.cat((dc[a:b, None], rest[a:b]), dim=1)
+                v_dirs, v_coeffs = ctx.kernel_bwd(ctx.degree, d, coeffs, chunk_masks, v_out[:, a:b])
+                grads = (v_dirs, v_coeffs) if want_dirs else (v_coeffs,)
+            else:
+                with torch.enable_grad():
+                    d = _dirs(means[a:b].detach(), campos.detach()).requires_grad_(want_dirs)
+                    coeffs = torch.cat((dc[a:b, None].detach(), rest[a:b].detach()), dim=1).requires_grad_()
+                    out = ctx.kernel(ctx.degree, d, coeffs, masks=chunk_masks)
+                grads = torch.autograd.grad(out, (d, coeffs) if want_dirs else (coeffs,), v_out[:, a:b], allow_unused=True)
             if want_dirs:  # dirs = means - campos: what autograd's broadcast subtraction hands each
                 v_d = grads[0] if grads[0] is not None else torch.zeros_like(d)  # degree 0 may not read them
                 if want_means:
@@ -62,7 +72,7 @@ class _ShFromParts(torch.autograd.Function):
                 if want_campos:
                     v_campos -= v_d.sum(1)
             v_dc[a:b], v_rest[a:b] = grads[-1][:, 0], grads[-1][:, 1:]
-        return None, None, None, v_means, v_campos, v_dc, v_rest, None
+        return None, None, None, None, v_means, v_campos, v_dc, v_rest, None
 
 
 def _dirs(means: Tensor, campos: Tensor) -> Tensor:  # means [k, 3], campos [C, 3] -> [C, k, 3]
@@ -78,6 +88,7 @@ def sh_from_parts(
     rest: Tensor,  # [n, K - 1, 3], K >= (degree + 1) ** 2
     masks: Optional[Tensor] = None,  # [C, n] bool
     chunk_rows: int = CHUNK_ROWS,
+    kernel_bwd: Optional[ShBackward] = None,
 ) -> Tensor:  # [C, n, 3]
     """`kernel(degree, means[None] - campos[:, None], cat((dc[:, None], rest), 1), masks)` without the
     [n, K, 3] concatenation (see the module docstring) nor the [C, n, 3] view directions, which are made
@@ -91,7 +102,7 @@ def sh_from_parts(
     )
     assert masks is None or masks.shape == (C, n), f"masks must be [{C}, {n}], got {tuple(masks.shape)}"
     assert chunk_rows >= 1, f"chunk_rows must be positive, got {chunk_rows}"
-    return _ShFromParts.apply(kernel, int(degree), int(chunk_rows), means, campos, dc, rest, masks)
+    return _ShFromParts.apply(kernel, kernel_bwd, int(degree), int(chunk_rows), means, campos, dc, rest, masks)
 
 
 class _OffsetClampMin(torch.autograd.Function):
