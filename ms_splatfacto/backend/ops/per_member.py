@@ -92,11 +92,12 @@ class _PerMember(torch.autograd.Function):
             del found
             for i, leaf in enumerate(leaves):
                 g = by_input.pop(i, None)
+                if not needs[i]:
+                    continue
                 g = torch.zeros_like(leaf) if g is None else g
                 if i < n_rowed:
-                    if needs[i]:
-                        rowed_builders[i].put(d, g)  # fused: copied into the whole, this member's block dropped
-                elif needs[i]:
+                    rowed_builders[i].put(d, g)  # fused: copied into the whole, this member's block dropped
+                else:
                     shared_parts[i - n_rowed][d] = g.to(m.device)
                 del g
         ctx.graphs = []
