@@ -112,13 +112,13 @@ def _split(plan: TilePlan, images: Dict[int, Tensor], channels: int, dtype: torc
 
 def _member_rows(plan: TilePlan, v: Tensor, r: int) -> Tensor:
     """Local member r's share of an image gradient ([C, H, W, K] ordinary, or [C * H, W, K] aggregate over
-    pixel rows) as its [C_r, H, W, K] frames: ordinary ones are on every rank; aggregate ones are in
-    the image's layout, so r's rows are its own."""
+    pixel rows) as its [C_r, H, W, K] frames, zero outside its pixel rows: ordinary ones are on every
+    rank (masked to its pixels); aggregate ones are in the image's layout, so r's rows are its own."""
     work = plan.work[r]
     layout = plan.layout
     if not is_aggregate(v):  # autograd hands an unused split output an ordinary [C * H, W, K] zero gradient
         v = v.reshape(plan.n_cameras, plan.height, plan.width, v.shape[-1])
-        return exchange.to_member(v[work.cam_lo : work.cam_hi + 1], r, layout)
+        return exchange.to_member(v[work.cam_lo : work.cam_hi + 1], r, layout) * work.pixels
     bounds = plan.pixel_row_bounds()
     frames = torch.zeros((work.n_cameras * plan.height, plan.width, v.shape[-1]), dtype=v.dtype, device=layout.members.devices[r])
     first = work.cam_lo * plan.height
@@ -175,8 +175,8 @@ class _TileRasterize(torch.autograd.Function):
         streams = member_streams(m)
         for r, records, colors_r, alphas_r, sums in ctx.graphs:
             work = plan.work[r]
-            g_render = _member_rows(plan, v_render, r) * work.pixels
-            g_alpha = _member_rows(plan, v_alphas, r) * work.pixels
+            g_render = _member_rows(plan, v_render, r)
+            g_alpha = _member_rows(plan, v_alphas, r)
             if not is_aggregate(v_render):  # read from the rank's copy of the image gradient
                 exchange.record(m.host, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
             pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
