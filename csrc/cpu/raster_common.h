@@ -105,45 +105,6 @@ using msplat_simd::splat;
 // by 0.1 % + 1e-3, well beyond the float log and exp's rounding), alpha < 1/255.
 constexpr int64_t kRowHead = 7;
 
-// Conservative box around the ellipse 0.5 d^T Q d <= t, t = log(255 opacity), outside which the
-// Gaussian's alpha is below 1/255: half-widths sqrt(2 t (Q^-1)_xx) and sqrt(2 t (Q^-1)_yy). Every
-// pixel outside the box is one the reference skips, so the box only saves work. It is widened so
-// that rounding cannot break that: sigma as computed in scalar_t can be off by about
-// 12 eps cond(Q) relative (cancellation in elongated conics), so t grows by 16 eps cond(Q) + 0.1 %
-// (cond(Q) bounded by trace^2 / det; where that exceeds 50 %, or the conic is not positive definite,
-// or inputs are NaN, the box is unbounded), and the half-widths by 1 % plus 0.01 px plus the rounding
-// of the mean. The float log and square roots (relative error below 1e-6) are covered by the same
-// margins. Returns {x_lo, x_hi, y_lo, y_hi}.
-template <typename scalar_t>
-inline void reach_box(const scalar_t* r, double* box) {
-  const double a = r[2], b = r[3], c = r[4], det = a * c - b * b;
-  const double t = std::max(0.0f, std::log(255.0f * float(r[5])));
-  const double inf = std::numeric_limits<double>::infinity();
-  const double eps = std::numeric_limits<scalar_t>::epsilon();
-  double ex = inf, ey = inf;
-  if (a > 0 && c > 0 && det > 0 && t < inf) {
-    const double inv_det = 1.0 / det, rel = 16.0 * eps * ((a + c) * (a + c) * inv_det) + 1e-3;
-    if (rel < 0.5) {
-      const double scale = 2.0 * (t * (1.0 + rel) + 1e-3) * inv_det;
-      const double slack = 0.01 + 4.0 * eps * (std::abs(double(r[0])) + std::abs(double(r[1])));
-      ex = std::sqrt(float(scale * c)) * 1.01 + slack;
-      ey = std::sqrt(float(scale * a)) * 1.01 + slack;
-    }
-  }
-  box[0] = double(r[0]) - ex, box[1] = double(r[0]) + ex, box[2] = double(r[1]) - ey, box[3] = double(r[1]) + ey;
-}
-
-// Pixels [s, e) within [a, b) whose centre x + 0.5 may lie in [lo, hi], with one pixel of slack
-// (the box is only a shortcut; the sweep's alpha test decides). NaN bounds give the whole range.
-// Written as min / max (no branches: the bounds are data).
-inline void pixel_span(double lo, double hi, int64_t a, int64_t b, int64_t& s, int64_t& e) {
-  const double fa = double(a), fb = double(b);
-  double fs = std::floor(lo - 0.5), fe = std::ceil(hi - 0.5) + 1.0;
-  fs = fs > fa ? fs : fa, fs = fs < fb ? fs : fb;  // NaN: a
-  fe = fe < fb ? fe : fb, fe = fe > fa ? fe : fa;  // NaN: b
-  s = int64_t(fs), e = int64_t(fe);
-}
-
 // Tile t (flattened over cameras): its camera, pixel rectangle [x0, x1) x [y0, y1) clipped to the
 // image, and its range [start, end) in the sorted intersections.
 struct TileWork {
@@ -157,6 +118,75 @@ inline TileWork tile_work(const int32_t* offsets, int64_t t, int64_t n_tiles, in
   const int64_t start = offsets[t];
   const int64_t end = std::max<int64_t>(t + 1 < n_total_tiles ? offsets[t + 1] : M, start);
   return {t / n_tiles, x0, y0, std::min(x0 + tile_size, width), std::min(y0 + tile_size, height), start, end};
+}
+
+// Conservative boxes around the ellipses 0.5 d^T Q d <= t, t = log(255 opacity), outside which a
+// Gaussian's alpha is below 1/255, for kLanes rows at once: half-widths sqrt(2 t (Q^-1)_xx) and
+// sqrt(2 t (Q^-1)_yy). Every pixel outside the box is one the reference skips, so the box only saves
+// work. It is widened so that rounding cannot break that: sigma as computed in scalar_t can be off by
+// about 12 eps cond(Q) relative (cancellation in elongated conics), so t grows by 16 eps cond(Q) +
+// 0.1 % (cond(Q) bounded by trace^2 / det; where that exceeds 50 %, or the conic is not positive
+// definite, or inputs are NaN, the box is unbounded), and the half-widths by 1 % plus 0.01 px plus the
+// rounding of the mean. The float log (log_lanes) and square roots (relative error below 1e-6) are
+// covered by the same margins. Returns the pixels [xs, xe) x [ys, ye) of the tile whose centres may lie
+// in the box, with one pixel of slack (the sweep's alpha test decides; NaN bounds give the whole tile),
+// and writes each row's sigma_cut (row[6]). Branch-free: the bounds are data.
+template <typename scalar_t>
+inline void reach_spans(scalar_t* rows, int64_t stride, const TileWork& w, I8& xs, I8& xe, I8& ys, I8& ye) {
+  // In halves of 4 lanes: wider double vectors than the target's registers are compared lane by lane.
+  typedef double D4 __attribute__((vector_size(32)));
+  typedef float F4 __attribute__((vector_size(16)));
+  typedef int32_t I4 __attribute__((vector_size(16)));
+  using VF = Lanes<float>::V;
+  VF op;
+  for (int64_t l = 0; l < kLanes; ++l) op[l] = static_cast<float>(rows[l * stride + 5]);
+  const VF lg = msplat_simd::log_lanes(255.0f * op);
+  const VF t_f = lg > 0.0f ? lg : VF{};
+  const double inf = std::numeric_limits<double>::infinity();
+  const double eps = std::numeric_limits<scalar_t>::epsilon();
+  for (int64_t half = 0; half < 2; ++half) {
+    D4 mx, my, a, b, c, lgd, t;
+    for (int64_t j = 0; j < 4; ++j) {
+      const scalar_t* r = rows + (4 * half + j) * stride;
+      mx[j] = r[0], my[j] = r[1], a[j] = r[2], b[j] = r[3], c[j] = r[4];
+      lgd[j] = lg[4 * half + j], t[j] = t_f[4 * half + j];
+    }
+    const D4 cut = lgd * 1.001 + 1e-3;
+    for (int64_t j = 0; j < 4; ++j) rows[(4 * half + j) * stride + 6] = static_cast<scalar_t>(cut[j]);
+    const D4 det = a * c - b * b, inv_det = 1.0 / det;
+    const D4 rel = 16.0 * eps * ((a + c) * (a + c) * inv_det) + 1e-3;
+    const auto ok = (a > 0.0) & (c > 0.0) & (det > 0.0) & (t < inf) & (rel < 0.5);
+    const D4 scale = 2.0 * (t * (1.0 + rel) + 1e-3) * inv_det;
+    const D4 slack = 0.01 + 4.0 * eps * ((mx < 0.0 ? -mx : mx) + (my < 0.0 ? -my : my));
+    const auto root = [](const D4& x) {
+      F4 f = __builtin_convertvector(x, F4);
+#if defined(__AVX__)
+      f = reinterpret_cast<F4>(_mm_sqrt_ps(reinterpret_cast<__m128>(f)));
+#else
+      for (int j = 0; j < 4; ++j) f[j] = std::sqrt(f[j]);
+#endif
+      return __builtin_convertvector(f, D4);
+    };
+    const D4 none = D4{} + inf;
+    const D4 ex = ok ? root(scale * c) * 1.01 + slack : none, ey = ok ? root(scale * a) * 1.01 + slack : none;
+    const auto span = [&](const D4& lo, const D4& hi, int64_t s0, int64_t s1, I8& s, I8& e) {
+      const D4 fa = D4{} + double(s0), fb = D4{} + double(s1);
+      D4 fs = lo - 0.5, fe = hi - 0.5;
+#if defined(__AVX__)
+      fs = reinterpret_cast<D4>(_mm256_floor_pd(reinterpret_cast<__m256d>(fs)));
+      fe = reinterpret_cast<D4>(_mm256_ceil_pd(reinterpret_cast<__m256d>(fe)));
+#else
+      for (int j = 0; j < 4; ++j) fs[j] = std::floor(fs[j]), fe[j] = std::ceil(fe[j]);
+#endif
+      fe += 1.0;
+      fs = fs > fa ? fs : fa, fs = fs < fb ? fs : fb;  // NaN: s0
+      fe = fe < fb ? fe : fb, fe = fe > fa ? fe : fa;  // NaN: s1
+      const I4 si = __builtin_convertvector(fs, I4), ei = __builtin_convertvector(fe, I4);
+      for (int j = 0; j < 4; ++j) s[4 * half + j] = si[j], e[4 * half + j] = ei[j];
+    };
+    span(mx - ex, mx + ex, w.x0, w.x1, xs, xe);
+    span(my - ey, my + ey, w.y0, w.y1, ys, ye);
+  }
 }
 
 // 64-byte aligned storage (vector types are over-aligned).
@@ -205,7 +235,9 @@ struct TileScratch {
     vpr = (w.x1 - w.x0 + kLanes - 1) / kLanes;
     nv = vpr * (w.y1 - w.y0);
     len_pad = (len + 31) / 32 * 32;
-    rows.resize(len * stride);
+    const int64_t len8 = (len + kLanes - 1) / kLanes * kLanes;  // reach_spans takes kLanes rows at once
+    rows.resize(len8 * stride);
+    std::fill(rows.begin() + len * stride, rows.end(), scalar_t(0));
     masks.assign((nv + 31) / 32 * len_pad, 0u);
     uint64_t every_row = 0;  // bit y * vpr for each row y (used where nv <= 32)
     for (int64_t y = 0; y * vpr < 64 && y < w.y1 - w.y0; ++y) every_row |= 1ull << (y * vpr);
@@ -221,31 +253,32 @@ struct TileScratch {
       r[0] = m[2 * g], r[1] = m[2 * g + 1];
       r[2] = q[3 * g], r[3] = q[3 * g + 1], r[4] = q[3 * g + 2];
       r[5] = op[g];
-      r[6] = static_cast<scalar_t>(double(std::log(255.0f * float(r[5]))) * 1.001 + 1e-3);
       for (int64_t d = 0; d < D; ++d) r[kRowHead + d] = col[D * g + d];
-      double box[4];
-      reach_box(r, box);
-      int64_t xs, xe, ys, ye;
-      pixel_span(box[0], box[1], w.x0, w.x1, xs, xe);
-      pixel_span(box[2], box[3], w.y0, w.y1, ys, ye);
-      if (xs >= xe || ys >= ye) continue;
-      const int64_t vs = (xs - w.x0) / kLanes, ve = (xe - w.x0 + kLanes - 1) / kLanes;
-      if (nv <= 32) {  // one word: rows' bits (one every vpr) times the row's run of vectors, no loop
-        const uint64_t rows_set = (~0ull << ((ys - w.y0) * vpr)) & ~(~0ull << ((ye - w.y0) * vpr - 1) << 1);
-        masks[k] = static_cast<uint32_t>((rows_set & every_row) * ((1ull << ve) - (1ull << vs)));
-        continue;
-      }
-      uint32_t word = 0;  // bits of mask word `at` (vectors come in increasing order)
-      int64_t at = -1;
-      for (int64_t y = ys - w.y0; y < ye - w.y0; ++y)
-        for (int64_t v = y * vpr + vs; v < y * vpr + ve; ++v) {
-          if ((v >> 5) != at) {
-            if (at >= 0) masks[at * len_pad + k] |= word;
-            at = v >> 5, word = 0;
-          }
-          word |= 1u << (v & 31);
+    }
+    for (int64_t k0 = 0; k0 < len; k0 += kLanes) {
+      I8 xs8, xe8, ys8, ye8;
+      reach_spans(&rows[k0 * stride], stride, w, xs8, xe8, ys8, ye8);
+      for (int64_t l = 0; l < kLanes && k0 + l < len; ++l) {
+        const int64_t k = k0 + l, xs = xs8[l], xe = xe8[l], ys = ys8[l], ye = ye8[l];
+        if (xs >= xe || ys >= ye) continue;
+        const int64_t vs = (xs - w.x0) / kLanes, ve = (xe - w.x0 + kLanes - 1) / kLanes;
+        if (nv <= 32) {  // one word: rows' bits (one every vpr) times the row's run of vectors, no loop
+          const uint64_t rows_set = (~0ull << ((ys - w.y0) * vpr)) & ~(~0ull << ((ye - w.y0) * vpr - 1) << 1);
+          masks[k] = static_cast<uint32_t>((rows_set & every_row) * ((1ull << ve) - (1ull << vs)));
+          continue;
         }
-      masks[at * len_pad + k] |= word;
+        uint32_t word = 0;  // bits of mask word `at` (vectors come in increasing order)
+        int64_t at = -1;
+        for (int64_t y = ys - w.y0; y < ye - w.y0; ++y)
+          for (int64_t v = y * vpr + vs; v < y * vpr + ve; ++v) {
+            if ((v >> 5) != at) {
+              if (at >= 0) masks[at * len_pad + k] |= word;
+              at = v >> 5, word = 0;
+            }
+            word |= 1u << (v & 31);
+          }
+        masks[at * len_pad + k] |= word;
+      }
     }
   }
 
@@ -297,7 +330,8 @@ struct PixelVector {
 
 // Evaluations the kernels performed: {forward pairs, forward lanes, backward pairs, backward lanes}.
 // A pair is a Gaussian evaluated at a still-compositing pixel of its reach box's span of vectors; lanes
-// count every SIMD lane computed, padding and finished pixels included.
+// count every SIMD lane composited, padding and finished pixels included. A vector where no lane is
+// within sigma_cut (nothing can composite: the forward's filter, the backward's skip) is in neither.
 inline std::atomic<int64_t> g_counts[4];
 
 // Adds the lanes set in a mask (-1 each) to a per-lane tally.
@@ -327,8 +361,6 @@ struct Step {
   // can composite: the rest is skipped and not counted). The decisions are the same either way.
   template <bool Skip>
   inline bool run(const scalar_t* r, const PixelVector<scalar_t>& pv, const M& open, V& T, M& alive, I8& tried) {
-    const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
-    const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
     const scalar_t dy = r[1] - pv.py;
     dx = r[0] - pv.px;
     const V sigma = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;  // as gsplat rounds it
@@ -337,8 +369,17 @@ struct Step {
       return false;
     }
     tally(tried, alive);
+    composite(sigma, r[5], open, T, alive);
+    return true;
+  }
+
+  // The step from the exponent sigma on (the forward computes sigma itself, sharing terms between
+  // vectors of the same columns, with the same roundings).
+  inline void composite(const V& sigma, scalar_t opacity, const M& open, V& T, M& alive) {
+    const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
+    const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);
     msplat_simd::exp_neg(sigma, vis);
-    const V raw = r[5] * vis;
+    const V raw = opacity * vis;
     alpha = raw > a_max ? splat<V>(a_max) : raw;
     T_before = T;
     const V next_T = T_before * (scalar_t(1) - alpha);
@@ -347,7 +388,6 @@ struct Step {
     h = ok & (next_T > t_min);
     alive = live ^ (ok ^ h);  // ends where ok and not h (transmittance floor), or at the limit
     T = h ? next_T : T_before;
-    return true;
   }
 };
 

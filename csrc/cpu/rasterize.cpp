@@ -22,6 +22,12 @@ namespace {
 // Forward compositing of one tile (gathered rows, lists built), vector by vector: each vector's
 // transmittance, colours and last row stay in registers while it walks its Gaussians in list order,
 // until every lane has finished. DC: the colour channels at compile time (0: D at run time).
+//
+// The walk goes by mask words of 32 rows. A first loop computes each row's exponent sigma at the
+// vector (as gsplat rounds it) and keeps, without a branch, the rows where some lane still compositing
+// is within sigma_cut = log(255 opacity) (widened): elsewhere alpha < 1/255 at every lane, so nothing
+// composites and nothing ends; a second loop composites the kept rows in order. So the decisions are
+// those of a walk over every row, and only the kept rows are counted as evaluations.
 template <typename scalar_t, int DC>
 void forward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const TileWork& w, const scalar_t* bg,
                   int64_t width, int64_t height, scalar_t* out_c, scalar_t* out_a, int32_t* out_last,
@@ -32,7 +38,8 @@ void forward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const
   V acc_fixed[DC > 0 ? DC : 1];
   if (DC == 0) s.acc.resize(D);
   V* acc = DC > 0 ? acc_fixed : s.acc.data();
-  const M open = ~M{};
+  alignas(64) V sig[32];
+  int32_t kept[32];
   I8 tried{};
   int64_t lanes = 0;
   for (int64_t v = 0; v < s.nv; ++v) {
@@ -41,17 +48,30 @@ void forward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const
     M alive = pv.inside;
     I8 last = splat<I8>(-1);
     for (int64_t d = 0; d < D; ++d) acc[d] = V{};
-    Step<scalar_t> st;
-    if (any(alive))
-      for_each_row(s, v, [&](int32_t k) {
+    for (int64_t k0 = 0; k0 < s.len_pad && any(alive); k0 += 32) {
+      int n = 0;
+      for (uint32_t bits = s.meets(v, k0); bits; bits &= bits - 1) {
+        const int32_t k = static_cast<int32_t>(k0 + __builtin_ctz(bits));
         const scalar_t* r = &s.rows[k * stride];
-        st.template run<false>(r, pv, open, T, alive, tried);
+        const scalar_t dy = r[1] - pv.py;
+        const V dx = r[0] - pv.px;
+        sig[n] = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;  // as Step::run
+        kept[n] = k;
+        n += any(alive & (sig[n] <= r[6]));
+      }
+      for (int i = 0; i < n; ++i) {
+        const int32_t k = kept[i];
+        const scalar_t* r = &s.rows[k * stride];
+        tally(tried, alive);
+        Step<scalar_t> st;
+        st.composite(sig[i], r[5], ~M{}, T, alive);
         lanes += kLanes;
         const V wv = st.h ? st.alpha * st.T_before : V{};  // 0 where not composited: acc unchanged
         for (int64_t d = 0; d < D; ++d) acc[d] = fmadd(splat<V>(r[kRowHead + d]), wv, acc[d]);
         last = __builtin_convertvector(st.h, I8) ? splat<I8>(k) : last;
-        return any(alive);
-      });
+        if (!any(alive)) break;
+      }
+    }
     for (int64_t l = 0; l < kLanes && pv.x + l < w.x1; ++l) {
       const int64_t pix = (w.cam * height + pv.y) * width + pv.x + l;
       for (int64_t d = 0; d < D; ++d) out_c[pix * D + d] = bg ? acc[d][l] + T[l] * bg[w.cam * D + d] : acc[d][l];

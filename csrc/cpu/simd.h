@@ -26,9 +26,11 @@ typedef int32_t I8 __attribute__((vector_size(4 * kLanes)));
 constexpr I8 kIota = {0, 1, 2, 3, 4, 5, 6, 7};
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte double lanes without AVX-512: inline only, no ABI
 
+// x in every lane: a broadcast (x - 0 is x for every x, -0 included, so the subtraction folds away,
+// where `V{} + x` would cost an addition: 0 + -0 is +0).
 template <typename V>
 inline V splat(typename std::remove_reference<decltype(V{}[0])>::type x) {
-  return V{} + x;
+  return x - V{};
 }
 
 // a * b + c, fused (one rounding) where the target has FMA for this width, else two roundings. The
@@ -55,6 +57,61 @@ inline bool any(const Mask& m) {
   bool out = false;
   for (int64_t l = 0; l < kLanes; ++l) out |= m[l] != 0;
   return out;
+}
+
+// Lanes set in a comparison mask of kLanes floats (popcount of its sign bits: scalar work, off the
+// vector ports).
+template <typename Mask>
+inline int count_lanes(const Mask& m) {
+#if defined(__AVX__)
+  if constexpr (sizeof(Mask) == 32)
+    return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(reinterpret_cast<__m256>(m))));
+#endif
+  int n = 0;
+  for (int64_t l = 0; l < kLanes; ++l) n += m[l] != 0;
+  return n;
+}
+
+// Square roots of kLanes floats (the vector form of std::sqrt: correctly rounded either way).
+inline Lanes<float>::V sqrt_lanes(const Lanes<float>::V& x) {
+#if defined(__AVX__)
+  return reinterpret_cast<Lanes<float>::V>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
+#else
+  Lanes<float>::V out;
+  for (int64_t l = 0; l < kLanes; ++l) out[l] = std::sqrt(x[l]);
+  return out;
+#endif
+}
+
+// Natural log of kLanes floats (Cephes logf, within a few ulp: an absolute error below 1e-6 for
+// x in [1e-30, 1e30]): -inf where x <= 0 or NaN, +inf where x is +inf. Denormal x give a large
+// negative value (about -88), not the exact log.
+__attribute__((always_inline)) inline Lanes<float>::V log_lanes(const Lanes<float>::V& x) {
+  using V = Lanes<float>::V;
+  const I8 bits = reinterpret_cast<const I8&>(x);
+  V e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, V);
+  const I8 mbits = (bits & 0x007fffff) | 0x3f000000;
+  V m = reinterpret_cast<const V&>(mbits);  // x = m 2^e, m in [0.5, 1)
+  const auto low = m < 0.70710678118654752f;
+  e = low ? e - 1.0f : e;
+  const V f = (low ? m + m : m) - 1.0f;
+  const V z = f * f;
+  V p = splat<V>(7.0376836292e-2f);
+  p = fmadd(p, f, splat<V>(-1.1514610310e-1f));
+  p = fmadd(p, f, splat<V>(1.1676998740e-1f));
+  p = fmadd(p, f, splat<V>(-1.2420140846e-1f));
+  p = fmadd(p, f, splat<V>(1.4249322787e-1f));
+  p = fmadd(p, f, splat<V>(-1.6668057665e-1f));
+  p = fmadd(p, f, splat<V>(2.0000714765e-1f));
+  p = fmadd(p, f, splat<V>(-2.4999993993e-1f));
+  p = fmadd(p, f, splat<V>(3.3333331174e-1f));
+  V y = p * f * z;
+  y = fmadd(e, splat<V>(-2.12194440e-4f), y);
+  y = fmadd(z, splat<V>(-0.5f), y);
+  V out = fmadd(e, splat<V>(0.693359375f), f + y);
+  const V inf = splat<V>(__builtin_inff());
+  out = x > 0.0f ? out : -inf;
+  return x == inf ? inf : out;
 }
 
 // exp(-s), lane by lane, for s >= 0 (other lanes give garbage; the rasterizer masks them out).
