@@ -135,24 +135,33 @@ class _TileRasterize(torch.autograd.Function):
         fields = (means2d, conics, colors, opacities)
         D = colors.shape[2]
         records = _read_records(plan, fields)
-        ctx.graphs = []
+        direct = hasattr(kernels, "rasterize_to_pixels_direct") and getattr(kernels, "KEEPS_FLOAT64_SUMS", False)
+        ctx.graphs, ctx.direct = [], direct
         images = {}
         streams = member_streams(m)
         for r in m.local:
             work = plan.work[r]
             if work is None:
                 continue
-            mine = [t.requires_grad_(track) for t in records[r]]
-            sums: Dict[str, Optional[Tensor]] = {}
             bg = None if backgrounds is None else exchange.to_member(backgrounds[work.cam_lo : work.cam_hi + 1], r, layout)
-            with torch.set_grad_enabled(track), streams.run(r):
-                colors_r, alphas_r = kernels.rasterize_to_pixels(
-                    *mine, plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids,
-                    backgrounds=bg, absgrad=absgrad, float64_sums=sums,
-                )
+            if direct:  # the kernel set runs its backward itself: no autograd graph per member
+                with streams.run(r):
+                    colors_r, alphas_r, saved = kernels.rasterize_to_pixels_direct(
+                        *records[r], plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids, backgrounds=bg,
+                    )
+                if track:
+                    ctx.graphs.append((r, saved))
+            else:
+                mine = [t.requires_grad_(track) for t in records[r]]
+                sums: Dict[str, Optional[Tensor]] = {}
+                with torch.set_grad_enabled(track), streams.run(r):
+                    colors_r, alphas_r = kernels.rasterize_to_pixels(
+                        *mine, plan.width, plan.height, plan.tile_size, work.offsets, work.flatten_ids,
+                        backgrounds=bg, absgrad=absgrad, float64_sums=sums,
+                    )
+                if track:
+                    ctx.graphs.append((r, (mine, colors_r, alphas_r, sums)))
             images[r] = torch.cat([colors_r, alphas_r], dim=-1).detach()
-            if track:
-                ctx.graphs.append((r, mine, colors_r, alphas_r, sums))
         streams.join()
         ctx.plan, ctx.absgrad, ctx.means2d, ctx.kernels = plan, absgrad, means2d, kernels
         ctx.row_shapes = [tuple(f.shape[1:]) for f in fields] + [tuple(means2d.shape[1:])]
@@ -173,27 +182,16 @@ class _TileRasterize(torch.autograd.Function):
         n_fields = 5 if ctx.absgrad else 4  # means2d, conics, colors, opacities (, means2d absgrad)
         partials: Dict[int, List[Optional[Tensor]]] = {}
         streams = member_streams(m)
-        for r, records, colors_r, alphas_r, sums in ctx.graphs:
+        for r, graph in ctx.graphs:
             work = plan.work[r]
             g_render = _member_rows(plan, v_render, r)
             g_alpha = _member_rows(plan, v_alphas, r)
             if not is_aggregate(v_render):  # read from the rank's copy of the image gradient
                 exchange.record(m.host, r, work.n_pixels * (v_render.shape[-1] + 1) * v_render.element_size())
-            pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
             with streams.run(r):
-                found = list(
-                    torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
-                    if pairs else [None] * len(records)
-                )
-            if ctx.absgrad:
-                found.append(getattr(records[0], "absgrad", None))
-            if sums:  # kernel sets that keep unrounded sums filled the dict in their backward
-                found = [sums[k] for k in ("means2d", "conics", "colors", "opacities", "absgrad")[: len(found)]]
-                sums.clear()  # the partials alone hold them now: each is freed once its field is reduced
-            partials[r] = found
+                partials[r] = (_direct_partials if ctx.direct else _autograd_partials)(ctx, graph, g_render, g_alpha, n_fields)
+            del graph
         ctx.graphs = []
-        if partials:  # the loop's last records and outputs would live through the reduce-scatter
-            del records, colors_r, alphas_r, found, sums
         streams.join()
         wide = torch.float64 if getattr(ctx.kernels, "KEEPS_FLOAT64_SUMS", False) else ctx.dtype
         out = _reduce_scatter(plan, partials, ctx.row_shapes[:n_fields], wide, ctx.dtype)
@@ -202,6 +200,30 @@ class _TileRasterize(torch.autograd.Function):
             ctx.means2d.absgrad = out[4]
         ctx.means2d = None
         return (None, None, None, None, None, None, *out[:4])
+
+
+FIELDS = ("means2d", "conics", "colors", "opacities", "absgrad")
+
+
+def _direct_partials(ctx, saved, g_render: Tensor, g_alpha: Tensor, n_fields: int) -> List[Optional[Tensor]]:
+    """A member's record gradients (unrounded sums) from the kernel set's own backward."""
+    sums = ctx.kernels.rasterize_to_pixels_direct_backward(saved, g_render, g_alpha, absgrad=ctx.absgrad)
+    return [sums[k] for k in FIELDS[:n_fields]]
+
+
+def _autograd_partials(ctx, graph, g_render: Tensor, g_alpha: Tensor, n_fields: int) -> List[Optional[Tensor]]:
+    """A member's record gradients through its autograd graph (kernel sets without a direct backward;
+    the unrounded sums where the kernel set fills them)."""
+    records, colors_r, alphas_r, sums = graph
+    pairs = [(o, g) for o, g in ((colors_r, g_render), (alphas_r, g_alpha)) if o.requires_grad]
+    found = list(torch.autograd.grad([o for o, _ in pairs], records, [g for _, g in pairs], allow_unused=True)
+                 if pairs else [None] * len(records))
+    if ctx.absgrad:
+        found.append(getattr(records[0], "absgrad", None))
+    if sums:  # kernel sets that keep unrounded sums filled the dict in their backward
+        found = [sums[k] for k in FIELDS[: len(found)]]
+        sums.clear()  # the partials alone hold them now: each is freed once its field is reduced
+    return found
 
 
 GROUP_BYTES = 16 << 20
