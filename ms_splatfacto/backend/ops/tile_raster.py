@@ -118,7 +118,8 @@ def _member_rows(plan: TilePlan, v: Tensor, r: int) -> Tensor:
     layout = plan.layout
     if not is_aggregate(v):  # autograd hands an unused split output an ordinary [C * H, W, K] zero gradient
         v = v.reshape(plan.n_cameras, plan.height, plan.width, v.shape[-1])
-        return exchange.to_member(v[work.cam_lo : work.cam_hi + 1], r, layout) * work.pixels
+        mine = (plan.pixel_owner[work.cam_lo : work.cam_hi + 1, ..., None] == r).to(layout.members.devices[r])  # [C_r, H, W, 1]
+        return exchange.to_member(v[work.cam_lo : work.cam_hi + 1], r, layout) * mine
     bounds = plan.pixel_row_bounds()
     frames = torch.zeros((work.n_cameras * plan.height, plan.width, v.shape[-1]), dtype=v.dtype, device=layout.members.devices[r])
     first = work.cam_lo * plan.height

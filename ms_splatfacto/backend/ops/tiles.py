@@ -53,7 +53,6 @@ class MemberTiles:
     records: Tensor  # [n_records] int64: global row * C + camera of each record, sorted
     n_records: int
     sources: List[SourceRecords]
-    pixels: Tensor  # [C_r, H, W, 1] bool: the pixels of its tiles (whole pixel rows)
     n_pixels: int
 
     @property
@@ -186,7 +185,7 @@ def plan_tiles(
     for r in m.local:
         if r in sorted_routes:
             n_pixels = (row_bounds[r + 1] - row_bounds[r]) * width
-            work[r] = _member_tiles(r, sorted_routes[r], source_ends[r], layout, C, pixel_owner, n_pixels)
+            work[r] = _member_tiles(r, sorted_routes[r], source_ends[r], layout, C, n_pixels)
         asks[r] = _asks(work[r], r, layout)
     serve = exchange.all_to_all(m, asks) if m.local else {}
     return TilePlan(layout, C, width, height, tile_size, tile_width, tile_height, tile_bounds, work, serve, pixel_owner, n_isects)
@@ -274,7 +273,6 @@ def _member_tiles(
     cuts: List[int],  # [n + 1] `routes.source_cuts`, read on the host
     layout: Layout,
     C: int,
-    pixel_owner: Tensor,  # [C, H, W]
     n_pixels: int,
 ) -> MemberTiles:
     unique = routes.records
@@ -283,8 +281,6 @@ def _member_tiles(
         for s in range(len(layout.members))
         if cuts[s + 1] > cuts[s]
     ]
-    pixels = (pixel_owner[routes.cam_lo : routes.cam_hi + 1, ..., None] == r).to(unique.device)
     return MemberTiles(
-        routes.cam_lo, routes.cam_hi, routes.isect_ids, routes.offsets, routes.flatten_ids, unique, cuts[-1], sources,
-        pixels, n_pixels,
+        routes.cam_lo, routes.cam_hi, routes.isect_ids, routes.offsets, routes.flatten_ids, unique, cuts[-1], sources, n_pixels,
     )
