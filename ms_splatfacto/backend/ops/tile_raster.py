@@ -162,15 +162,15 @@ class _TileRasterize(torch.autograd.Function):
                     )
                 if track:
                     ctx.graphs.append((r, (mine, colors_r, alphas_r, sums)))
-            images[r] = torch.cat([colors_r, alphas_r], dim=-1).detach()
+            images[r] = (colors_r.detach(), alphas_r.detach())
         streams.join()
         ctx.plan, ctx.absgrad, ctx.means2d, ctx.kernels = plan, absgrad, means2d, kernels
         ctx.row_shapes = [tuple(f.shape[1:]) for f in fields] + [tuple(means2d.shape[1:])]
         ctx.dtype = colors.dtype
         if split:
-            return (_split(plan, {r: i[..., :D] for r, i in images.items()}, D, colors.dtype),
-                    _split(plan, {r: i[..., D:] for r, i in images.items()}, 1, colors.dtype))
-        both = _assemble(plan, images, D + 1, colors.dtype, m.device)
+            return (_split(plan, {r: c for r, (c, _) in images.items()}, D, colors.dtype),
+                    _split(plan, {r: a for r, (_, a) in images.items()}, 1, colors.dtype))
+        both = _assemble(plan, {r: torch.cat(pair, dim=-1) for r, pair in images.items()}, D + 1, colors.dtype, m.device)
         return both[..., :D].contiguous(), both[..., D:].contiguous()
 
     @staticmethod
