@@ -303,14 +303,6 @@ struct TileScratch {
   }
 };
 
-// Calls f(k) for each row k < len whose reach box meets vector v, in order, while f returns true.
-template <typename scalar_t, typename F>
-inline void for_each_row(const TileScratch<scalar_t>& s, int64_t v, F&& f) {
-  for (int64_t k0 = 0; k0 < s.len_pad; k0 += 32)
-    for (uint32_t bits = s.meets(v, k0); bits; bits &= bits - 1)
-      if (!f(static_cast<int32_t>(k0 + __builtin_ctz(bits)))) return;
-}
-
 // One vector of a tile's pixels: centres px (per lane) and py, lanes that are pixels of the image.
 template <typename scalar_t>
 struct PixelVector {
@@ -346,35 +338,41 @@ inline int64_t tally_total(const I8& counter) {
   return total;
 }
 
-// Gaussian row r at a vector of pixels, one front-to-back compositing step: lanes still alive and
-// `open` (before their limit) that pass the alpha test composite (h) unless the transmittance would
-// fall to 1e-4 or below, which ends them. Forward and backward both call this, so they take the same
-// decisions bit for bit; and each pixel meets its Gaussians in list order, as in gsplat's walk.
+// The rows of mask word k0 (rows k0 .. k0 + 31) that vector v walks: those whose reach box meets it
+// and where some lane of `alive` is within sigma_cut (elsewhere alpha < 1/255 at every lane: nothing
+// composites and nothing ends), in order, into kept[0..n), with the exponent at the vector in sig[i]
+// (rounded as gsplat computes it); returns n. Kept without a branch (the test is data: a branch on it
+// mispredicts), so the rows that follow composite in a loop of their own.
+template <typename scalar_t>
+inline int kept_rows(const TileScratch<scalar_t>& s, int64_t stride, const PixelVector<scalar_t>& pv, int64_t v,
+                     int64_t k0, const typename Lanes<scalar_t>::M& alive, typename Lanes<scalar_t>::V* sig,
+                     int32_t* kept) {
+  using V = typename Lanes<scalar_t>::V;
+  int n = 0;
+  for (uint32_t bits = s.meets(v, k0); bits; bits &= bits - 1) {
+    const int32_t k = static_cast<int32_t>(k0 + __builtin_ctz(bits));
+    const scalar_t* r = &s.rows[k * stride];
+    const scalar_t dy = r[1] - pv.py;
+    const V dx = r[0] - pv.px;
+    sig[n] = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;
+    kept[n] = k;
+    n += any(alive & (sig[n] <= r[6]));
+  }
+  return n;
+}
+
+// Gaussian row r at a vector of pixels, one front-to-back compositing step from its exponent sigma:
+// lanes still alive and `open` (before their limit) that pass the alpha test composite (h) unless the
+// transmittance would fall to 1e-4 or below, which ends them. Forward and backward both call this, so
+// they take the same decisions bit for bit; and each pixel meets its Gaussians in list order, as in
+// gsplat's walk.
 template <typename scalar_t>
 struct Step {
   using V = typename Lanes<scalar_t>::V;
   using M = typename Lanes<scalar_t>::M;
-  V dx, vis, alpha, T_before;
+  V vis, alpha, T_before;
   M h;
-  // With Skip (the backward: its per-vector work is larger than a mispredicted branch), returns false,
-  // with h empty and only the lanes at their limit ended, where no lane is within sigma_cut (nothing
-  // can composite: the rest is skipped and not counted). The decisions are the same either way.
-  template <bool Skip>
-  inline bool run(const scalar_t* r, const PixelVector<scalar_t>& pv, const M& open, V& T, M& alive, I8& tried) {
-    const scalar_t dy = r[1] - pv.py;
-    dx = r[0] - pv.px;
-    const V sigma = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;  // as gsplat rounds it
-    if (Skip && !any(alive & (sigma <= r[6]))) {
-      h = M{}, alive &= open;
-      return false;
-    }
-    tally(tried, alive);
-    composite(sigma, r[5], open, T, alive);
-    return true;
-  }
 
-  // The step from the exponent sigma on (the forward computes sigma itself, sharing terms between
-  // vectors of the same columns, with the same roundings).
   inline void composite(const V& sigma, scalar_t opacity, const M& open, V& T, M& alive) {
     const scalar_t t_min = static_cast<scalar_t>(kTMin), a_min = static_cast<scalar_t>(kAlphaMin);
     const scalar_t a_max = static_cast<scalar_t>(kAlphaMax);

@@ -23,11 +23,11 @@ namespace {
 // transmittance, colours and last row stay in registers while it walks its Gaussians in list order,
 // until every lane has finished. DC: the colour channels at compile time (0: D at run time).
 //
-// The walk goes by mask words of 32 rows. A first loop computes each row's exponent sigma at the
-// vector (as gsplat rounds it) and keeps, without a branch, the rows where some lane still compositing
-// is within sigma_cut = log(255 opacity) (widened): elsewhere alpha < 1/255 at every lane, so nothing
-// composites and nothing ends; a second loop composites the kept rows in order. So the decisions are
-// those of a walk over every row, and only the kept rows are counted as evaluations.
+// The walk goes by mask words of 32 rows: kept_rows computes each row's exponent at the vector and
+// keeps, without a branch, the rows where some lane still compositing is within sigma_cut =
+// log(255 opacity) (widened; elsewhere nothing composites and nothing ends); a second loop composites
+// the kept rows in order. So the decisions are those of a walk over every row, and only the kept rows
+// count as evaluations.
 template <typename scalar_t, int DC>
 void forward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const TileWork& w, const scalar_t* bg,
                   int64_t width, int64_t height, scalar_t* out_c, scalar_t* out_a, int32_t* out_last,
@@ -49,16 +49,7 @@ void forward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, const
     I8 last = splat<I8>(-1);
     for (int64_t d = 0; d < D; ++d) acc[d] = V{};
     for (int64_t k0 = 0; k0 < s.len_pad && any(alive); k0 += 32) {
-      int n = 0;
-      for (uint32_t bits = s.meets(v, k0); bits; bits &= bits - 1) {
-        const int32_t k = static_cast<int32_t>(k0 + __builtin_ctz(bits));
-        const scalar_t* r = &s.rows[k * stride];
-        const scalar_t dy = r[1] - pv.py;
-        const V dx = r[0] - pv.px;
-        sig[n] = scalar_t(0.5) * (r[2] * (dx * dx) + r[4] * (dy * dy)) + r[3] * dx * dy;  // as Step::run
-        kept[n] = k;
-        n += any(alive & (sig[n] <= r[6]));
-      }
+      const int n = kept_rows(s, stride, pv, v, k0, alive, sig, kept);
       for (int i = 0; i < n; ++i) {
         const int32_t k = kept[i];
         const scalar_t* r = &s.rows[k * stride];

@@ -67,6 +67,8 @@ void backward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, cons
   V* S = DC > 0 ? S_fixed : s.acc.data() + D;
   V* g = DC > 0 ? g_fixed : s.acc.data() + 2 * D;
   static_assert(DC == 0 || 6 + DC + 2 <= kMaxK, "gradient rows fit the lane sums below");
+  alignas(64) V sig[32];
+  int32_t kept[32];
   I8 tried{};
   int64_t lanes = 0;
   for (int64_t v = 0; v < s.nv; ++v) {
@@ -84,22 +86,28 @@ void backward_tile(TileScratch<scalar_t>& s, int64_t stride, int64_t D_run, cons
         if (in.bg) bg_dot[l] += in.bg[w.cam * D + d] * vc[d][l];
       }
     }
-    // Replay front to back.
+    // Replay front to back, by mask words of 32 rows as in the forward: a first loop keeps, without a
+    // branch, the rows where a lane still compositing and before its limit is within sigma_cut; the
+    // second composites them and keeps the hits (h, vis, T in front), also without a branch.
     V T = splat<V>(scalar_t(1));
     M alive = pv.inside;
     int64_t n_hits = 0;
-    Step<scalar_t> st;
-    if (any(alive))
-      for_each_row(s, v, [&](int32_t k) {
+    for (int64_t k0 = 0; k0 < s.len_pad; k0 += 32) {
+      alive &= __builtin_convertvector(splat<I8>(static_cast<int32_t>(k0)) < limit, M);  // limits passed
+      if (!any(alive)) break;
+      const int n = kept_rows(s, stride, pv, v, k0, alive, sig, kept);
+      for (int i = 0; i < n; ++i) {
+        const int32_t k = kept[i];
         const M open = __builtin_convertvector(splat<I8>(k) < limit, M);
-        if (!st.template run<true>(&s.rows[k * stride], pv, open, T, alive, tried)) return any(alive);
+        tally(tried, alive);
+        Step<scalar_t> st;
+        st.composite(sig[i], s.rows[k * stride + 5], open, T, alive);
         lanes += kLanes;
-        if (any(st.h)) {
-          s.hit_k[n_hits] = k, s.hit_h[n_hits] = st.h, s.hit_vis[n_hits] = st.vis, s.hit_T[n_hits] = st.T_before;
-          ++n_hits;
-        }
-        return any(alive);
-      });
+        s.hit_k[n_hits] = k, s.hit_h[n_hits] = st.h, s.hit_vis[n_hits] = st.vis, s.hit_T[n_hits] = st.T_before;
+        n_hits += any(st.h);
+        if (!any(alive)) break;
+      }
+    }
     for (int64_t l = 0; l < kLanes && pv.x + l < w.x1; ++l)
       for (int64_t d = 0; d < D; ++d) tbg[d] += double(T[l] * vc[d][l]);
     // Back to front.
