@@ -7,6 +7,9 @@ ratios against the first member count are taken within each cycle and reported a
 
     .venv/bin/python benchmarks/member_overhead.py --gaussians 20000 --members 1 4 8 --cycles 40
 
+With `--trees OLD NEW ...` it runs this measurement in each tree in turn (OLD, NEW, OLD, NEW, ... for
+`--pairs` rounds, each tree its own code and kernels) and reports each tree's ratios over its runs.
+
 Writes benchmarks/results/member_overhead.json (or --out).
 """
 
@@ -40,7 +43,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "member_overhead.json")
+    parser.add_argument("--trees", type=Path, nargs="+", default=None, help="checkouts to compare, run in turn")
+    parser.add_argument("--pairs", type=int, default=2, help="rounds over --trees")
     args = parser.parse_args(argv)
+    if args.trees:
+        return compare_trees(args, argv if argv is not None else sys.argv[1:])
     if args.gaussians <= 0 or args.cycles < 1 or any(m <= 0 for m in args.members):
         parser.error("gaussians, cycles and members must be positive")
     torch.set_num_threads(args.threads)
@@ -83,6 +90,43 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
               f"{c['median'] * 1e3:8.1f} ({c['min'] * 1e3:6.1f}-{c['max'] * 1e3:6.1f}) "
               f"{wr['median']:6.3f} ({wr['min']:.2f}-{wr['max']:.2f}) {cr['median']:6.3f} ({cr['min']:.2f}-{cr['max']:.2f})")
     print(f"wrote {args.out} (load {result['load_average']})")
+    return result
+
+
+def compare_trees(args, argv: List[str]) -> Dict[str, object]:
+    """The measurement in each tree in turn (alternating, `args.pairs` rounds); per tree and member count
+    the spread of the runs' median CPU-time ratios and step times."""
+    import subprocess
+    import tempfile
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            for i, tree in enumerate(args.trees):
+                out = Path(tmp) / f"{pair}_{i}.json"
+                command = [sys.executable, str(tree / "benchmarks" / "member_overhead.py"), "--gaussians", str(args.gaussians),
+                           "--members", *map(str, args.members), "--cycles", str(args.cycles), "--warmup", str(args.warmup),
+                           "--threads", str(args.threads), "--out", str(out)]
+                subprocess.run(command, cwd=tree, check=True, capture_output=True, text=True)
+                runs.append({"tree": str(tree), "pair": pair, **json.loads(out.read_text())})
+    summary = {}
+    for tree in map(str, args.trees):
+        mine = [r for r in runs if r["tree"] == tree]
+        summary[tree] = {str(m): {"cpu_ratio": spread(row["cpu_ratio"]["median"] for r in mine for row in r["rows"] if row["members"] == m),
+                                  "cpu_ms": spread(row["cpu_s"]["median"] * 1e3 for r in mine for row in r["rows"] if row["members"] == m)}
+                         for m in args.members}
+    commits = {str(t): subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=t, capture_output=True, text=True).stdout.strip()
+               for t in args.trees}
+    result = {"command": " ".join(["benchmarks/member_overhead.py", *argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "commits": commits, "summary": summary, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for tree, rows in summary.items():
+        print(f"{tree} ({commits[tree]})")
+        for m, r in rows.items():
+            c, ms = r["cpu_ratio"], r["cpu_ms"]
+            print(f"  cpu:{m:<3} {ms['median']:7.1f} ms ({ms['min']:.1f}-{ms['max']:.1f})   ratio {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f})")
+    print(f"wrote {args.out}")
     return result
 
 
