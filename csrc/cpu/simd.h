@@ -1,6 +1,7 @@
-// SIMD helpers of the CPU rasterizer (rasterize.cpp): kLanes pixels per vector through the GCC/Clang
-// vector extension, so the compiler emits the widest SIMD the target has with no scalar tail; a few
-// operations (any lane, lane sums) use AVX intrinsics where the target has them. Every helper rounds
+// SIMD helpers of the CPU rasterizer (raster_common.h, rasterize.cpp, rasterize_bwd.cpp): kLanes
+// pixels per vector through the GCC/Clang vector extension, so the compiler emits the widest SIMD the
+// target has with no scalar tail; a few operations (any lane, lane sums, square roots) use AVX
+// intrinsics where the target has them. Every helper rounds
 // the same way each time it runs in one build, so a result never depends on which thread or member
 // computed it.
 #pragma once
