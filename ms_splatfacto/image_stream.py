@@ -295,16 +295,19 @@ class ImageStream:
                 elif data is not None:
                     self._sizes[idx] = data_bytes(data)
                     self._cache[idx] = data
-                    self.held_bytes += self._sizes[idx]
-                    self._evict()
+                    self._evict(incoming=self._sizes[idx])
         return data
 
-    def _evict(self) -> None:
-        """(Under the lock.) Drop unpinned images, least recently used first, until within budget."""
+    def _evict(self, incoming: int = 0) -> None:
+        """(Under the lock.) Count `incoming` bytes just cached, then drop unpinned images, least recently
+        used first, until within budget. `held_bytes` is written once, after the evictions, so a reader
+        without the lock never sees the count of an insertion before its evictions."""
+        held = self.held_bytes + incoming
         for idx in list(self._cache):
-            if self.held_bytes <= self.budget:
+            if held <= self.budget:
                 break
             if idx not in self._pinned:
                 del self._cache[idx]
-                self.held_bytes -= self._sizes[idx]
-        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+                held -= self._sizes[idx]
+        self.held_bytes = held
+        self.peak_held_bytes = max(self.peak_held_bytes, held)
