@@ -27,7 +27,18 @@ from ms_splatfacto.backend.aggregate.layout import Layout
 from ms_splatfacto.backend.aggregate.redistribute import relayout
 from ms_splatfacto.backend.aggregate.streams import member_streams
 from ms_splatfacto.backend.aggregate.tensor import AggregateTensor, LocalRows, is_aggregate
-from ms_splatfacto.backend.ops.tiles import TilePlan
+from ms_splatfacto.backend.ops.tiles import SourceRecords, TilePlan
+
+
+def _own_and_runs(sources: List[SourceRecords], r: int) -> Tuple[Optional[SourceRecords], List[List[SourceRecords]]]:
+    """Member r's reads of its own records, and its reads from other owners as runs of consecutive rows:
+    records are grouped by owner, so the owners before r's own records are one run and those after it
+    another (either may be empty)."""
+    own = next((src for src in sources if src.source == r), None)
+    remote = [src for src in sources if src.source != r]
+    if own is None:
+        return None, [remote, []]
+    return own, [[b for b in remote if b.stop <= own.start], [b for b in remote if b.start >= own.stop]]
 
 
 def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[int, List[Tensor]]:
@@ -56,13 +67,12 @@ def _read_records(plan: TilePlan, fields: Tuple[AggregateTensor, ...]) -> Dict[i
             continue
         padded = work.padded * work.n_cameras
         arrays = [torch.empty((padded, w), dtype=f.dtype, device=m.devices[r]) for f, w in zip(fields, widths)]
-        own = next((src for src in work.sources if src.source == r), None)
+        own, runs = _own_and_runs(work.sources, r)
         if own is not None:  # its own records: selected straight into the arrays
             index = plan.serve[r][r].to(m.devices[r])
             for array, x in zip(arrays, flat[r]):
                 torch.index_select(x, 0, index, out=array[own.start : own.stop])
-        remote = [src for src in work.sources if src.source != r]
-        for block in ([b for b in remote if own is None or b.stop <= own.start], [b for b in remote if own is not None and b.start >= own.stop]):
+        for block in runs:
             if block:  # the owners before (then after) its own records: one contiguous run of rows each
                 pieces = [got[r][src.source] for src in block]
                 received = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -268,12 +278,11 @@ def _reduce_scatter(
         device = m.devices[r]
         pieces = [torch.zeros((0, sum(widths)), dtype=wide, device=device)] * len(m)  # one empty piece for owners it did not read
         sources = work.sources if work is not None and r in partials else []
-        own = next((src for src in sources if src.source == r), None)
-        remote = [src for src in sources if src.source != r]
+        own, runs = _own_and_runs(sources, r)
         if own is not None and len(groups) == 1 and all(g is not None for g in partials[r]):
             blocks = [sources]  # small: all its records side by side, its own rows added in one go too
         else:
-            blocks = [[b for b in remote if own is None or b.stop <= own.start], [b for b in remote if own is not None and b.start >= own.stop]]
+            blocks = runs
         for block in blocks:
             if not block:  # the owners before (then after) its own records: one run of rows, all fields side by side
                 continue
@@ -290,7 +299,7 @@ def _reduce_scatter(
         send[r] = pieces
     got = exchange.all_to_all(m, send, kind="reduce_scatter")
     builders = [LocalRows(layout) for _ in widths]
-    own = {s: next((src for src in plan.work[s].sources if src.source == s), None) if plan.work[s] is not None else None
+    own = {s: _own_and_runs(plan.work[s].sources, s)[0] if plan.work[s] is not None else None
            for s in m.local}  # each local owner's reads of its own records
     senders = {s: [r for r in range(len(m)) if r == s or got[s][r].shape[0]] for s in m.local}
     for group in groups:
