@@ -140,6 +140,17 @@ def evaluation_counts(reset: bool = False) -> Dict[str, int]:
             "evaluations": fwd + bwd, "lanes": fwd_lanes + bwd_lanes}
 
 
+def _check_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_ids, backgrounds) -> None:
+    """The shapes both entry points (autograd and direct) take, named where they are wrong."""
+    C, N, D = colors.shape
+    assert means2d.shape == (C, N, 2), f"means2d must be [C, N, 2], got {tuple(means2d.shape)}"
+    assert conics.shape == (C, N, 3), f"conics must be [C, N, 3], got {tuple(conics.shape)}"
+    assert opacities.shape == (C, N), f"opacities must be [C, N], got {tuple(opacities.shape)}"
+    assert isect_offsets.dim() == 3 and isect_offsets.shape[0] == C, "isect_offsets must be [C, tile_height, tile_width]"
+    assert flatten_ids.dim() == 1, f"flatten_ids must be [M], got {tuple(flatten_ids.shape)}"
+    assert backgrounds is None or backgrounds.shape == (C, D), f"backgrounds must be [C, D] = [{C}, {D}]"
+
+
 def rasterize_to_pixels(
     means2d: Tensor,  # [C, N, 2]
     conics: Tensor,  # [C, N, 3]
@@ -162,13 +173,7 @@ def rasterize_to_pixels(
     the input dtype ("means2d", "conics", "colors", "opacities", "absgrad"), so partial sums over
     different tiles can be added without loss.
     """
-    C, N, D = colors.shape
-    assert means2d.shape == (C, N, 2), f"means2d must be [C, N, 2], got {tuple(means2d.shape)}"
-    assert conics.shape == (C, N, 3), f"conics must be [C, N, 3], got {tuple(conics.shape)}"
-    assert opacities.shape == (C, N), f"opacities must be [C, N], got {tuple(opacities.shape)}"
-    assert isect_offsets.dim() == 3 and isect_offsets.shape[0] == C, "isect_offsets must be [C, tile_height, tile_width]"
-    assert flatten_ids.dim() == 1, f"flatten_ids must be [M], got {tuple(flatten_ids.shape)}"
-    assert backgrounds is None or backgrounds.shape == (C, D), f"backgrounds must be [C, D] = [{C}, {D}]"
+    _check_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_ids, backgrounds)
     return _RasterizeToPixels.apply(
         means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets.contiguous(),
         flatten_ids.contiguous(), absgrad, float64_sums,
@@ -190,9 +195,7 @@ def rasterize_to_pixels_direct(
     """`rasterize_to_pixels` without autograd, for a caller that runs the backward itself
     (`rasterize_to_pixels_direct_backward`): colours [C, H, W, D], alphas [C, H, W, 1] and what the
     backward reads."""
-    C, N, D = colors.shape
-    assert means2d.shape == (C, N, 2) and conics.shape == (C, N, 3) and opacities.shape == (C, N), "records must be [C, N, ...]"
-    assert backgrounds is None or backgrounds.shape == (C, D), f"backgrounds must be [C, D] = [{C}, {D}]"
+    _check_inputs(means2d, conics, colors, opacities, isect_offsets, flatten_ids, backgrounds)
     with torch.no_grad():
         return _forward(means2d.detach(), conics.detach(), colors.detach(), opacities.detach(), backgrounds, width, height,
                         tile_size, isect_offsets.contiguous(), flatten_ids.contiguous())
