@@ -280,14 +280,7 @@ def request_row_ranges(
         empty = chunks[s][:0]
         reply[s] = [chunks[s][spans[r][s][0] - edges[s] : spans[r][s][0] - edges[s] + rows[s][r]] if rows[s][r] else empty
                     for r in range(n)]
-    got = all_to_all(members, reply, kind, rows)
-    ref = next(c for c in chunks if c is not None)
-    out = {}
-    for r in members.local:
-        pieces = [p for p in got[r] if p.shape[0]]
-        received = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else None
-        out[r] = received if received is not None else _empty((ref.shape[1:], ref.dtype), members.devices[r])
-    return out
+    return _joined(members, all_to_all(members, reply, kind, rows), chunks)
 
 
 def _serve_rows(
@@ -299,17 +292,23 @@ def _serve_rows(
     """The rows each local member asked for, in owner order then ask order."""
     n = len(members)
     asked = all_to_all(members, ask, kind)
-    ref = next(c for c in chunks if c is not None)
     reply = {s: [chunks[s].index_select(0, asked[s][r].to(chunks[s].device)) for r in range(n)] for s in members.local}
     rows = [[0] * n for _ in range(n)]
     for r in members.local:
         for s in range(n):
             rows[s][r] = ask[r][s].shape[0]
-    got = all_to_all(members, reply, kind, rows)
+    return _joined(members, all_to_all(members, reply, kind, rows), chunks)
+
+
+def _joined(members, got: Mapping[int, List[torch.Tensor]], chunks: Chunks) -> Dict[int, torch.Tensor]:
+    """Each local member's received pieces in owner order as one tensor (an empty one of the chunks'
+    row shape where nothing came)."""
+    ref = next(c for c in chunks if c is not None)
     out = {}
     for r in members.local:
-        received = torch.cat(got[r]) if n > 1 else got[r][0]
-        out[r] = received if received.shape[0] else _empty((ref.shape[1:], ref.dtype), members.devices[r])
+        pieces = [p for p in got[r] if p.shape[0]]
+        received = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else None
+        out[r] = received if received is not None else _empty((ref.shape[1:], ref.dtype), members.devices[r])
     return out
 
 
